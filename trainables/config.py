@@ -10,6 +10,7 @@ WRN with Nesterov and weight decay 5e-4, and ResNet with 1e-4 and /10 steps.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,7 +88,7 @@ class TrainConfig:
         if not 0 < self.gamma <= 1:
             raise ValueError(f"gamma must be in (0, 1], got gamma={self.gamma}")
         ms = self.milestones
-        if any(not 0 < m < 1 for m in ms) or any(a >= b for a, b in zip(ms, ms[1:], strict=False)):
+        if any(not 0 < m < 1 for m in ms) or any(a >= b for a, b in itertools.pairwise(ms)):
             raise ValueError(
                 "milestones must be strictly increasing fractions of the epochs in (0, 1), "
                 f"got milestones={list(ms)}"

@@ -1,0 +1,90 @@
+"""The Ray Tune function trainable: a thin adapter over :class:`trainables.engine.Trainer`.
+
+Tune hands each trial a config dict; this module turns it into a frozen
+:class:`TrainConfig`, restores from ``ray.tune.get_checkpoint()`` when the trial
+is retried or resumed, and reports the DESIGN.md metrics once per epoch with a
+checkpoint (``ray.tune.report``: ``ray.train.report`` fails a Tune trial on Ray
+2.60). The last report also carries ``test_acc``.
+
+Search spaces namespace hyperparameters by architecture (``wrn.depth``,
+``resnet.depth``) because Optuna allows one distribution per name; the prefix is
+stripped here, so the engine only ever sees ``depth``.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from typing import Any
+
+from ray import tune
+
+from trainables.config import TrainConfig
+from trainables.data import Splits
+from trainables.engine import Trainer, load_checkpoint, save_checkpoint
+
+# Reported for a diverged trial so that the searcher learns the region is bad
+# (a NaN would be dropped by Tune and Optuna alike) while staying a finite float.
+DIVERGED_VAL_LOSS = 1e6
+
+
+def trial_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Flat TrainConfig keys from a Tune config: strip ``<arch>.`` prefixes.
+
+    Keys namespaced for another architecture cannot occur in a define-by-run
+    space, but are dropped rather than trusted if they do.
+    """
+    arch = config.get("arch")
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        prefix, dot, name = key.partition(".")
+        if not dot:
+            out.setdefault(key, value)
+        elif prefix == arch:
+            out[name] = value  # the namespaced value wins over a shared constant
+    return out
+
+
+def _trial_threads() -> int | None:
+    """CPUs Ray gave this trial, so torch does not oversubscribe the node."""
+    try:
+        resources = tune.get_context().get_trial_resources()
+        cpus = resources.required_resources.get("CPU", 0)
+    except Exception:  # outside a Tune session (unit tests calling the function)
+        return None
+    return max(1, math.floor(cpus)) if cpus else None
+
+
+def _trial_gpu_fraction() -> float | None:
+    try:
+        gpus = tune.get_context().get_trial_resources().required_resources.get("GPU", 0)
+    except Exception:
+        return None
+    return gpus if 0 < gpus < 1 else None
+
+
+def train_trial(config: dict[str, Any], splits: Splits | None = None) -> None:
+    """Run one trial; ``splits`` arrives through ``tune.with_parameters`` (object store)."""
+    values = trial_config(config)
+    values.setdefault("num_threads", _trial_threads())
+    values.setdefault("gpu_memory_fraction", _trial_gpu_fraction())
+    cfg = TrainConfig.from_dict(values)
+    trainer = Trainer(cfg, splits=splits)
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            trainer.load_state_dict(load_checkpoint(folder))
+    while trainer.epoch < cfg.epochs:
+        result = trainer.run_epoch()
+        if result.diverged:
+            tune.report({"epoch": trainer.epoch + 1, "diverged": 1, "val_acc": 0.0,
+                         "val_loss": DIVERGED_VAL_LOSS, "lr": result.metrics["lr"],
+                         "num_params": trainer.num_params})
+            return
+        metrics: dict[str, Any] = {**result.metrics, "epoch": trainer.epoch, "diverged": 0,
+                                   "num_params": trainer.num_params}
+        if trainer.epoch == cfg.epochs:
+            metrics["test_acc"] = trainer.test_accuracy()
+        with tempfile.TemporaryDirectory() as folder:
+            save_checkpoint(trainer.state_dict(), folder)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
