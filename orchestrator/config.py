@@ -403,6 +403,8 @@ class RaySpec(_Model):
 
     address: Str | None = None  # None -> start a local Ray; "auto" or ray://host:10001
     storage_path: Str | None = None  # None -> ./runs ; a shared path or s3:// / gs:// on a cluster
+    # A trial that raises is retried from its last checkpoint this many times.
+    max_failures: Int = Field(default=2, ge=0)
 
 
 # ------------------------------------------------------------------ uniform view

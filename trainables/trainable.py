@@ -77,11 +77,13 @@ def train_trial(config: dict[str, Any], splits: Splits | None = None) -> None:
     while trainer.epoch < cfg.epochs:
         result = trainer.run_epoch()
         if result.diverged:
-            tune.report({"epoch": trainer.epoch + 1, "diverged": 1, "val_acc": 0.0,
+            tune.report({"epoch": trainer.epoch + 1, "total_epochs": cfg.epochs,
+                         "diverged": 1, "val_acc": 0.0,
                          "val_loss": DIVERGED_VAL_LOSS, "lr": result.metrics["lr"],
                          "num_params": trainer.num_params})
             return
-        metrics: dict[str, Any] = {**result.metrics, "epoch": trainer.epoch, "diverged": 0,
+        metrics: dict[str, Any] = {**result.metrics, "epoch": trainer.epoch,
+                                   "total_epochs": cfg.epochs, "diverged": 0,
                                    "num_params": trainer.num_params}
         if trainer.epoch == cfg.epochs:
             metrics["test_acc"] = trainer.test_accuracy()
