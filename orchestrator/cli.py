@@ -160,3 +160,134 @@ def _run_training(cfg: Any, folder: Path, state: dict[str, Any] | None) -> None:
     click.echo(f"done: {summary['num_params']:,} parameters, best val_acc "
                f"{summary['best_val_acc']:.4f}, test_acc {summary['test_acc']:.4f}; "
                f"checkpoint {folder / 'checkpoint.pt'}")
+
+
+# -- sweeps ---------------------------------------------------------------------------
+def _load_sweep_or_exit(path: str) -> Any:
+    from orchestrator.config import ConfigError, load_sweep
+
+    try:
+        return load_sweep(path)
+    except ConfigError as err:
+        raise InvalidInput(f"invalid sweep file\n{err}") from None
+
+
+def _run_sweep(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Map the sweep's errors onto exit codes: 2 for input, 1 for failures at run time."""
+    from orchestrator.config import ConfigError
+    from orchestrator.sweep import SweepError, SweepInputError
+
+    try:
+        return fn(*args, **kwargs)
+    except (SweepInputError, ConfigError) as err:
+        raise InvalidInput(str(err)) from None
+    except SweepError as err:
+        raise click.ClickException(str(err)) from None
+
+
+address_option = click.option(
+    "--address", envvar="RAY_ADDRESS", default=None,
+    help="Ray cluster to join: auto or ray://HOST:10001 [default: start a local Ray; "
+         "env RAY_ADDRESS].")
+tracking_option = click.option(
+    "--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
+    help="MLflow tracking URI, e.g. http://HOST:5000 [default: SQLite in the sweep folder; "
+         "env MLFLOW_TRACKING_URI].")
+
+
+@main.command()
+@click.argument("sweep_file", type=click.Path(dir_okay=False))
+def validate(sweep_file: str) -> None:
+    """Check a sweep file without starting anything (exit 2 with FILE:LINE: key: message)."""
+    cfg = _load_sweep_or_exit(sweep_file)
+    click.echo(f"{sweep_file}: ok ({', '.join(cfg.arch_names())}; "
+               f"{cfg.search.num_samples} trials)")
+
+
+@main.command()
+@click.argument("sweep_file", type=click.Path(dir_okay=False))
+@address_option
+@click.option("--storage", default=None,
+              help="Where results and checkpoints go: a folder or s3:// / gs:// URI "
+                   "[default: ray.storage_path, else ./runs].")
+@tracking_option
+@click.option("--num-samples", type=int, default=None, help="Trials to run (overrides the file).")
+@click.option("--name", default=None, help="Sweep name (overrides the file's `name`).")
+@click.option("--dry-run", is_flag=True, help="Print the resolved plan; start nothing.")
+def launch(sweep_file: str, address: str | None, storage: str | None,
+           tracking_uri: str | None, num_samples: int | None, name: str | None,
+           dry_run: bool) -> None:
+    """Run the sweep in SWEEP_FILE: Optuna + scheduler on Ray Tune, tracked in MLflow."""
+    from orchestrator.sweep import describe_plan, make_plan
+    from orchestrator.sweep import launch as run_launch
+
+    cfg = _load_sweep_or_exit(sweep_file)
+    plan = _run_sweep(make_plan, cfg, sweep_file=sweep_file, address=address, storage=storage,
+                      tracking_uri=tracking_uri, num_samples=num_samples, name=name)
+    if dry_run:
+        click.echo(describe_plan(cfg, plan))
+        return
+    _run_sweep(run_launch, cfg, plan, echo=click.echo)
+
+
+@main.command()
+@click.argument("sweep_dir", type=click.Path(file_okay=False))
+@address_option
+def resume(sweep_dir: str, address: str | None) -> None:
+    """Continue an interrupted sweep from its folder (<storage>/<name>)."""
+    from orchestrator.sweep import resume as run_resume
+
+    _run_sweep(run_resume, sweep_dir, echo=click.echo, address=address)
+
+
+def _plan_for(target: str, tracking_uri: str | None) -> Any:
+    """A sweep folder, or a sweep name looked up in MLflow at ``tracking_uri``."""
+    from orchestrator.sweep import Plan
+
+    if Path(target).is_dir():
+        plan = Plan.load(target)
+        if tracking_uri:
+            plan.tracking_uri = tracking_uri
+        return plan
+    if not tracking_uri:
+        raise InvalidInput(f"{target}: no such sweep folder (give a folder, or a sweep name "
+                           "with --tracking-uri)")
+    from mlflow import MlflowClient
+
+    from orchestrator.tracking import SWEEP_TAG
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string=f"tags.`{SWEEP_TAG}` = '{target}' and tags.`mlflow.runName` = '{target}'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise InvalidInput(f"no sweep named {target!r} at {tracking_uri}")
+    run = runs[0]
+    return Plan(name=target, sweep_file="", storage_path="", home="", tracking_uri=tracking_uri,
+                experiment=target, registered_model=target, address=None,
+                metric=run.data.params.get("metric", "val_acc (max)").split()[0],
+                mode="min" if "(min)" in run.data.params.get("metric", "") else "max",
+                num_samples=0, top_k=0, experiment_id=run.info.experiment_id,
+                parent_run_id=run.info.run_id)
+
+
+@main.command()
+@click.argument("target")
+@click.option("--top", "top", type=int, default=None, help="Show the best K trials only.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@tracking_option
+def best(target: str, top: int | None, as_json: bool, tracking_uri: str | None) -> None:
+    """Leaderboard of a sweep from MLflow; TARGET is a sweep folder or a sweep name."""
+    from mlflow import MlflowClient
+
+    from orchestrator.leaderboard import format_table, leaderboard
+
+    if top is not None and top < 1:
+        raise InvalidInput(f"--top must be >= 1, got {top}")
+    plan = _plan_for(target, tracking_uri)
+    rows = leaderboard(MlflowClient(tracking_uri=plan.tracking_uri), plan, top=top)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        click.echo(format_table(rows, plan.metric))

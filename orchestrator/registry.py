@@ -1,0 +1,123 @@
+"""The model registry: register a sweep's best checkpoints, load them back safely.
+
+A registered version is a folder of two files in the trial's MLflow run,
+``model/model.safetensors`` (the state_dict) and ``model/config.json`` (the
+builder's arguments plus input shape and normalisation). Loading rebuilds the
+network with ``trainables.models.build_model`` and loads the tensors: no pickle
+anywhere, so a model file cannot run code (``mlflow.pytorch`` pickles the module).
+
+Stages are deprecated in MLflow 3: the best version gets the alias
+``champion`` and is loaded as ``models:/NAME@champion``.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CHAMPION = "champion"
+MODEL_DIR = "model"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A trial worth registering: its run, best score and best checkpoint's state."""
+
+    run_id: str
+    trial_id: str
+    score: float
+    config: dict[str, Any]
+    state: dict[str, Any]  # engine checkpoint (model state_dict, config, num_classes, ...)
+    test_acc: float | None
+
+
+def model_card(state: dict[str, Any]) -> dict[str, Any]:
+    """What a loader needs besides the weights: builder arguments and input handling."""
+    from trainables.config import TrainConfig
+    from trainables.data import DATASETS
+
+    cfg = TrainConfig.from_dict(state["config"])
+    spec = DATASETS[cfg.dataset]
+    return {
+        "arch": cfg.arch,
+        "num_classes": int(state["num_classes"]),
+        "hparams": cfg.model_hparams(),
+        "input_shape": [3, 32, 32],
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "dataset": cfg.dataset,
+        "epoch": int(state["epoch"]),
+        "train_config": cfg.to_dict(),
+    }
+
+
+def write_model_folder(state: dict[str, Any], folder: Path) -> Path:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state["model"].items()}
+    save_file(tensors, str(folder / WEIGHTS_FILE))
+    (folder / CONFIG_FILE).write_text(json.dumps(model_card(state), indent=2) + "\n")
+    return folder
+
+
+def register(client: Any, name: str, candidates: list[Candidate], *,
+             metric: str) -> list[Any]:
+    """Register ``candidates`` (best first) as versions of ``name``; alias the first.
+
+    Returns the created ModelVersion objects in the same order.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as err:
+        if "already exists" not in str(err).lower() and "RESOURCE_ALREADY_EXISTS" not in str(err):
+            raise
+    versions = []
+    for rank, cand in enumerate(candidates, start=1):
+        with tempfile.TemporaryDirectory() as tmp:
+            write_model_folder(cand.state, Path(tmp) / MODEL_DIR)
+            client.log_artifacts(cand.run_id, str(Path(tmp) / MODEL_DIR), MODEL_DIR)
+        source = f"{client.get_run(cand.run_id).info.artifact_uri.rstrip('/')}/{MODEL_DIR}"
+        card = model_card(cand.state)
+        tags = {
+            metric: f"{cand.score:.6g}",
+            "test_acc": "n/a" if cand.test_acc is None else f"{cand.test_acc:.6g}",
+            "arch": card["arch"],
+            "config": json.dumps(card["hparams"], sort_keys=True),
+            "trial_id": cand.trial_id,
+            "rank": str(rank),
+        }
+        version = client.create_model_version(name, source, run_id=cand.run_id, tags=tags)
+        versions.append(version)
+    if versions:
+        client.set_registered_model_alias(name, CHAMPION, versions[0].version)
+    return versions
+
+
+def load_model(uri: str, *, tracking_uri: str | None = None) -> tuple[Any, dict[str, Any]]:
+    """``(nn.Module in eval mode on CPU, model card)`` from a registry URI or folder.
+
+    ``uri`` may be ``models:/NAME@alias``, ``models:/NAME/VERSION``, ``runs:/ID/model``
+    or a local folder holding the two files.
+    """
+    from safetensors.torch import load_file
+
+    from trainables.models import build_model
+
+    folder = Path(uri)
+    if not folder.is_dir():
+        import mlflow.artifacts
+
+        folder = Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=uri, tracking_uri=tracking_uri, registry_uri=tracking_uri))
+    card = json.loads((folder / CONFIG_FILE).read_text())
+    model = build_model(card["arch"], num_classes=card["num_classes"], **card["hparams"])
+    model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+    return model.eval(), card

@@ -1,0 +1,168 @@
+"""The search space: a validated sweep file as an Optuna define-by-run function.
+
+The space is conditional: Optuna first picks ``arch``, then only that
+architecture's parameters. Every parameter name is namespaced by architecture
+(``wrn.depth``, ``resnet.depth``, ``wrn.lr``) because Optuna allows one
+distribution per name across all branches; the trainable strips the prefix.
+
+Searched LR milestones keep their order by construction: Optuna draws ``count``
+numbers u_i in [0, 1] (``wrn.milestone_u1`` ...), which are sorted and mapped to
+``low + u_(i) * free + (i - 1) * min_gap`` with ``free = high - low - (count - 1)
+* min_gap``; every sample is strictly increasing, at least ``min_gap`` apart,
+inside [low, high]. The resulting list is returned as ``<arch>.milestones``.
+
+The function only computes; nothing here touches Ray, torch or the disk.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+from orchestrator.config import MilestoneSpace, Param, SweepConfig
+
+SpaceFn = Callable[[Any], dict[str, Any]]
+
+
+def key(arch: str, name: str) -> str:
+    """The namespaced name of ``name`` in ``arch``'s branch of the space."""
+    return f"{arch}.{name}"
+
+
+def milestones_from_unit(u: list[float], space: MilestoneSpace) -> list[float]:
+    """Map ``count`` numbers in [0, 1] to increasing milestones ``min_gap`` apart."""
+    free = space.high - space.low - (space.count - 1) * space.min_gap
+    return [round(space.low + v * free + i * space.min_gap, 4) for i, v in enumerate(sorted(u))]
+
+
+def fixed_values(cfg: SweepConfig, arch: str) -> dict[str, Any]:
+    """What every trial of ``arch`` gets without a search: recipe constants and data."""
+    return {**cfg.recipe_constants(arch), **cfg.dataset_options(), "seed": cfg.search.seed}
+
+
+def _suggest(trial: Any, arch: str, param: Param | MilestoneSpace) -> Any:
+    name = key(arch, param.name)
+    if isinstance(param, MilestoneSpace):
+        u = [trial.suggest_float(key(arch, f"milestone_u{i + 1}"), 0.0, 1.0)
+             for i in range(param.count)]
+        return milestones_from_unit(u, param)
+    if param.kind == "constant":
+        return list(param.value) if isinstance(param.value, tuple) else param.value
+    if param.kind == "categorical":
+        return trial.suggest_categorical(name, list(param.choices))
+    if param.kind == "int":
+        return trial.suggest_int(name, int(param.low), int(param.high),  # type: ignore[arg-type]
+                                 step=int(param.step or 1), log=param.log)
+    return trial.suggest_float(name, float(param.low), float(param.high),  # type: ignore[arg-type]
+                               step=param.step, log=param.log)
+
+
+class DefineByRun:
+    """The Optuna define-by-run function of a sweep (TPE and random search).
+
+    A class rather than a closure: OptunaSearch pickles its space with the
+    experiment state, which is how ``resume`` continues the same study.
+    """
+
+    def __init__(self, cfg: SweepConfig) -> None:
+        self.archs = cfg.arch_names()
+        self.params = {arch: cfg.params_for(arch) for arch in self.archs}
+        self.fixed = {arch: fixed_values(cfg, arch) for arch in self.archs}
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        archs = self.archs
+        # A single architecture is a constant: points_to_evaluate then need no "arch".
+        arch = trial.suggest_categorical("arch", archs) if len(archs) > 1 else archs[0]
+        out: dict[str, Any] = {"arch": arch, **self.fixed[arch]}
+        for param in self.params[arch].values():
+            out[key(arch, param.name)] = _suggest(trial, arch, param)
+        return out
+
+
+def define_by_run(cfg: SweepConfig) -> SpaceFn:
+    """The define-by-run function for ``cfg``."""
+    return DefineByRun(cfg)
+
+
+def grid_points(cfg: SweepConfig) -> list[dict[str, Any]]:
+    """Every configuration of a grid sweep (the validator allows no float ranges there)."""
+    points: list[dict[str, Any]] = []
+    for arch in cfg.arch_names():
+        params = cfg.params_for(arch)
+        names = [key(arch, p.name) for p in params.values()]
+        values = [p.values() for p in params.values()]  # type: ignore[union-attr]
+        for combo in itertools.product(*values):
+            point = {"arch": arch, **fixed_values(cfg, arch)}
+            point.update({n: list(v) if isinstance(v, tuple) else v
+                          for n, v in zip(names, combo, strict=True)})
+            points.append(point)
+    return points
+
+
+class GridSpace:
+    """A define-by-run function with one categorical: the index of a grid point.
+
+    Optuna's GridSampler then walks the indices; the conditional structure lives
+    in the explicit list instead of in the sampler.
+    """
+
+    def __init__(self, points: list[dict[str, Any]]) -> None:
+        self.points = points
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        index = trial.suggest_categorical("grid_point", list(range(len(self.points))))
+        return dict(self.points[index])
+
+
+def grid_space(points: list[dict[str, Any]]) -> SpaceFn:
+    return GridSpace(points)
+
+
+def starting_points(cfg: SweepConfig) -> list[dict[str, Any]]:
+    """``search.points_to_evaluate`` with the names the space function suggests.
+
+    Keys that are constants in the space are left out (the validator rejects
+    points that would change one): a constant returned by the function would
+    silently override the enqueued value anyway.
+    """
+    archs = cfg.arch_names()
+    out: list[dict[str, Any]] = []
+    for point in cfg.search.points_to_evaluate:
+        arch = point.get("arch", archs[0])
+        params = cfg.params_for(arch)
+        enqueued: dict[str, Any] = {"arch": arch} if len(archs) > 1 else {}
+        for name, value in point.items():
+            param = params.get(name)
+            if name == "arch" or param is None or not param.searchable:
+                continue
+            if isinstance(param, MilestoneSpace):
+                continue  # drawn through milestone_u*; the validator documents it
+            enqueued[key(arch, name)] = value
+        out.append(enqueued)
+    return out
+
+
+def describe(cfg: SweepConfig) -> dict[str, dict[str, str]]:
+    """Human-readable space per architecture, for ``launch --dry-run``."""
+    out: dict[str, dict[str, str]] = {}
+    for arch in cfg.arch_names():
+        rows: dict[str, str] = {}
+        for param in cfg.params_for(arch).values():
+            rows[param.name] = _describe_param(param)
+        out[arch] = rows
+    return out
+
+
+def _describe_param(param: Param | MilestoneSpace) -> str:
+    if isinstance(param, MilestoneSpace):
+        return (f"{param.count} increasing fractions in [{param.low}, {param.high}], "
+                f">= {param.min_gap} apart")
+    if param.kind == "constant":
+        return f"= {param.value}"
+    if param.kind == "categorical":
+        return "one of " + ", ".join(str(c) for c in param.choices)
+    scale = " (log)" if param.log else ""
+    has_step = param.step not in (None, 1) if param.kind == "int" else param.step is not None
+    step = f" step {param.step}" if has_step else ""
+    return f"{param.kind} in [{param.low}, {param.high}]{step}{scale}"

@@ -1,0 +1,410 @@
+"""Launch, resume and finish a sweep: the Tuner and everything around it.
+
+A sweep lives in one folder, ``<storage_path>/<name>/``: Ray Tune's experiment
+(trials, checkpoints, searcher state with the Optuna study), and beside it
+wrnsweep's own files:
+
+* ``sweep.yaml``: the sweep file as given (resume re-reads it);
+* ``wrnsweep.json``: the resolved plan: tracking URI, experiment and parent run
+  ids, registered model name, metric (the other commands read it);
+* ``mlflow-runs.json``: trial id -> MLflow run id and last epoch logged;
+* ``mlflow.db`` and ``mlartifacts/``: the embedded MLflow store, when no
+  tracking URI is given.
+
+When ``storage_path`` is a URI (s3://, gs://), those files stay in a local
+folder ``./runs/<name>/`` on the driver instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config import SweepConfig, load_sweep
+
+META_FILE = "wrnsweep.json"
+RUNS_FILE = "mlflow-runs.json"
+SWEEP_FILE = "sweep.yaml"
+CHECKPOINTS_TO_KEEP = 3  # best few by the metric; Ray always keeps the latest as well
+
+Echo = Callable[[str], None]
+
+
+class SweepError(RuntimeError):
+    """A sweep could not run (exit code 1), e.g. every trial failed."""
+
+
+class SweepInputError(ValueError):
+    """Input that is wrong before anything starts (exit code 2)."""
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+@dataclass
+class Plan:
+    """Everything resolved from the sweep file and the command-line overrides."""
+
+    name: str
+    sweep_file: str
+    storage_path: str  # absolute folder or URI
+    home: str  # local folder with wrnsweep's files
+    tracking_uri: str
+    experiment: str
+    registered_model: str
+    address: str | None
+    metric: str
+    mode: str
+    num_samples: int
+    top_k: int
+    experiment_id: str | None = None
+    parent_run_id: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def experiment_path(self) -> str:
+        return f"{self.storage_path.rstrip('/')}/{self.name}"
+
+    def save(self) -> None:
+        Path(self.home).mkdir(parents=True, exist_ok=True)
+        tmp = Path(self.home) / (META_FILE + ".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        tmp.replace(Path(self.home) / META_FILE)
+
+    @classmethod
+    def load(cls, home: str | os.PathLike[str]) -> Plan:
+        path = Path(home) / META_FILE
+        if not path.exists():
+            raise SweepInputError(f"{home}: not a wrnsweep sweep folder (no {META_FILE})")
+        return cls(**json.loads(path.read_text()))
+
+
+def make_plan(cfg: SweepConfig, *, sweep_file: str, address: str | None = None,
+              storage: str | None = None, tracking_uri: str | None = None,
+              num_samples: int | None = None, name: str | None = None) -> Plan:
+    """Apply command-line overrides to the sweep file's settings."""
+    if num_samples is not None and num_samples < 1:
+        raise SweepInputError(f"--num-samples must be >= 1, got {num_samples}")
+    sweep_name = name or cfg.name
+    storage_path = storage or cfg.ray.storage_path or "runs"
+    if not is_uri(storage_path):
+        storage_path = str(Path(storage_path).expanduser().resolve())
+        home = str(Path(storage_path) / sweep_name)
+    else:
+        home = str(Path("runs", sweep_name).resolve())
+    uri = tracking_uri or cfg.tracking.uri or f"sqlite:///{Path(home) / 'mlflow.db'}"
+    return Plan(
+        name=sweep_name, sweep_file=str(Path(sweep_file).resolve()), storage_path=storage_path,
+        home=home, tracking_uri=uri, experiment=cfg.tracking.experiment or sweep_name,
+        registered_model=cfg.tracking.registered_model or sweep_name,
+        address=address if address is not None else cfg.ray.address,
+        metric=cfg.search.metric, mode=cfg.search.mode,
+        num_samples=num_samples or cfg.search.num_samples, top_k=cfg.tracking.top_k,
+    )
+
+
+def with_num_samples(cfg: SweepConfig, num_samples: int) -> SweepConfig:
+    search = cfg.search.model_copy(update={"num_samples": num_samples})
+    return cfg.model_copy(update={"search": search})
+
+
+# -- resources -------------------------------------------------------------------------
+def resources_fn(cfg: SweepConfig, *, cluster_has_gpu: bool) -> Callable[[dict], dict]:
+    """Ray resources of a trial as a function of its sampled architecture.
+
+    ``auto`` asks for one CPU and, where the cluster has GPUs, one whole GPU
+    (memory-aware fractional packing is a later refinement, see README).
+    """
+    table: dict[str, dict[str, float]] = {}
+    for arch in cfg.arch_names():
+        spec = cfg.resources_for(arch)
+        if spec == "auto":
+            spec = {"cpu": 1.0, "gpu": 1.0 if cluster_has_gpu else 0.0}
+        table[arch] = spec
+
+    def resources(config: dict) -> dict:
+        return dict(table[config["arch"]])
+
+    return resources
+
+
+def describe_plan(cfg: SweepConfig, plan: Plan) -> str:
+    """The resolved plan as text (``launch --dry-run``)."""
+    from orchestrator.search import asha_rungs, max_epochs, n_startup_trials
+    from orchestrator.space import describe
+
+    lines = [f"sweep {plan.name}: {plan.num_samples} trials, {cfg.search.algorithm} search "
+             f"on {plan.metric} ({plan.mode}), at most {cfg.search.max_concurrent} at once"]
+    if cfg.search.algorithm == "tpe":
+        lines.append(f"  TPE start-up: {n_startup_trials(cfg)} random trials, seed "
+                     f"{cfg.search.seed}, study '{plan.name}'")
+    lines.append(f"dataset: {cfg.dataset_options()['dataset']}")
+    for arch, rows in describe(cfg).items():
+        res = cfg.resources_for(arch)
+        res_text = "auto (1 CPU, 1 GPU where the cluster has GPUs)" if res == "auto" else (
+            f"{res['cpu']:g} CPU, {res['gpu']:g} GPU")
+        lines.append(f"architecture {arch}: {cfg.epochs_for(arch)} epochs, {res_text} per trial")
+        constants = cfg.recipe_constants(arch)
+        lines.extend(f"  {name:<14} {text}" for name, text in rows.items()
+                     if name not in constants)
+        if constants:
+            lines.append("  fixed: " + ", ".join(f"{k}={v}" for k, v in constants.items()))
+    sched = cfg.scheduler
+    if sched.name == "asha":
+        lines.append(f"scheduler: ASHA on epochs, grace {sched.grace_period}, reduction "
+                     f"factor {sched.reduction_factor:g}, rungs at epochs "
+                     f"{asha_rungs(cfg)}, max {max_epochs(cfg)}")
+    else:
+        lines.append(f"scheduler: {sched.name}")
+    if cfg.search.points_to_evaluate:
+        lines.append(f"starting points: {len(cfg.search.points_to_evaluate)}")
+    lines += [
+        f"ray: {'local (started here)' if not plan.address else plan.address}",
+        f"results: {plan.experiment_path}",
+        f"tracking: {plan.tracking_uri} (experiment '{plan.experiment}')",
+        f"registry: top {plan.top_k} as '{plan.registered_model}', alias champion on the best",
+    ]
+    return "\n".join(lines)
+
+
+# -- running -----------------------------------------------------------------------------
+def _start_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        # Trial output stays in the trial folders; the driver prints progress lines.
+        ray.init(log_to_driver=False)
+
+
+def _check_cluster(cfg: SweepConfig, plan: Plan) -> bool:
+    """Refuse requests no node can satisfy; True when the cluster has GPUs."""
+    import ray
+
+    from orchestrator.config import ConfigError, check_cluster_fits
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    issues = check_cluster_fits(cfg, nodes)
+    if issues:
+        raise ConfigError(issues)
+    multi_node = len(nodes) > 1
+    if multi_node and not is_uri(plan.storage_path) and not os.environ.get(
+            "WRNSWEEP_SHARED_STORAGE"):
+        # Checkpoints are written by the workers straight to storage_path.
+        plan.extra["storage_warning"] = (
+            f"{len(nodes)} nodes share storage_path {plan.storage_path}: it must be on a "
+            "filesystem every node mounts (NFS), or use s3:// / gs://")
+    return any(n.get("GPU", 0) > 0 for n in nodes)
+
+
+def _load_splits(cfg: SweepConfig) -> Any:
+    from trainables.data import load_splits
+
+    opts = cfg.dataset_options()
+    try:
+        return load_splits(opts["dataset"], root=opts["data_root"], download=opts["download"],
+                           synthetic_size=opts["synthetic_size"])
+    except FileNotFoundError as err:
+        raise SweepInputError(str(err)) from None
+
+
+def _trainable(cfg: SweepConfig, splits: Any, has_gpu: bool) -> Any:
+    from ray import tune
+
+    from trainables.trainable import train_trial
+
+    # The dataset goes into the object store once, not into every trial's config.
+    with_data = tune.with_parameters(train_trial, splits=splits)
+    return tune.with_resources(with_data, resources=resources_fn(cfg, cluster_has_gpu=has_gpu))
+
+
+def _start_tracking(cfg: SweepConfig, plan: Plan) -> None:
+    from mlflow import MlflowClient
+
+    from orchestrator.tracking import SWEEP_TAG, ensure_experiment, git_commit
+
+    client = MlflowClient(tracking_uri=plan.tracking_uri)
+    artifacts = None
+    if plan.tracking_uri.startswith("sqlite:"):
+        # The embedded store keeps its artifacts beside the database, not in ./mlruns.
+        artifacts = (Path(plan.home) / "mlartifacts").resolve().as_uri()
+    plan.experiment_id = ensure_experiment(client, plan.experiment, artifacts)
+    tags = {SWEEP_TAG: plan.name, "ray.address": plan.address or "local",
+            "wrnsweep.storage_path": plan.experiment_path}
+    commit = git_commit(Path(plan.sweep_file).parent)
+    if commit:
+        tags["git.commit"] = commit
+    run = client.create_run(plan.experiment_id, run_name=plan.name, tags=tags)
+    plan.parent_run_id = run.info.run_id
+    client.log_text(plan.parent_run_id, cfg.source_text, "sweep.yaml")
+    client.log_dict(plan.parent_run_id, cfg.model_dump(mode="json"), "resolved_config.json")
+    client.log_dict(plan.parent_run_id, {k: v for k, v in asdict(plan).items()
+                                         if k != "extra"}, "plan.json")
+    client.log_param(plan.parent_run_id, "num_samples", plan.num_samples)
+    client.log_param(plan.parent_run_id, "architectures", ",".join(cfg.arch_names()))
+    client.log_param(plan.parent_run_id, "metric", f"{plan.metric} ({plan.mode})")
+
+
+def _callbacks(cfg: SweepConfig, plan: Plan, echo: Echo) -> list:
+    from orchestrator.progress import ConsoleProgress
+    from orchestrator.tracking import SweepTracker
+
+    assert plan.experiment_id and plan.parent_run_id
+    tracker = SweepTracker(
+        tracking_uri=plan.tracking_uri, experiment_id=plan.experiment_id,
+        parent_run_id=plan.parent_run_id, state_file=str(Path(plan.home) / RUNS_FILE),
+        metric=plan.metric, mode=plan.mode, sweep_name=plan.name,
+    )
+    progress = ConsoleProgress(metric=plan.metric, mode=plan.mode,
+                               num_samples=plan.num_samples, echo=echo)
+    return [tracker, progress]
+
+
+def launch(cfg: SweepConfig, plan: Plan, *, echo: Echo = print) -> dict[str, Any]:
+    """Run the sweep described by ``cfg`` and ``plan`` to the end; the summary."""
+    from ray import tune
+
+    from orchestrator.search import create_scheduler, create_searcher
+
+    if not is_uri(plan.experiment_path) and Path(plan.experiment_path).exists():
+        raise SweepInputError(
+            f"{plan.experiment_path} already exists: `wrnsweep resume {plan.experiment_path}` "
+            "continues it, --name starts another sweep")
+    cfg = with_num_samples(cfg, plan.num_samples)
+    splits = _load_splits(cfg)  # before Ray starts: a missing dataset is bad input
+    searcher, num_samples = create_searcher(cfg, study_name=plan.name)
+    plan.num_samples = num_samples
+    _start_ray(plan.address)
+    has_gpu = _check_cluster(cfg, plan)
+    if "storage_warning" in plan.extra:
+        echo("warning: " + plan.extra["storage_warning"])
+    Path(plan.home).mkdir(parents=True, exist_ok=True)
+    (Path(plan.home) / SWEEP_FILE).write_text(cfg.source_text)
+    _start_tracking(cfg, plan)
+    plan.save()
+    echo(f"sweep {plan.name}: {num_samples} trials -> {plan.experiment_path}")
+    echo(f"tracking: {plan.tracking_uri} (experiment '{plan.experiment}', run "
+         f"{plan.parent_run_id})")
+    tuner = tune.Tuner(
+        _trainable(cfg, splits, has_gpu),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher, scheduler=create_scheduler(cfg), num_samples=num_samples,
+            metric=plan.metric, mode=plan.mode,
+        ),
+        run_config=tune.RunConfig(
+            name=plan.name, storage_path=plan.storage_path, verbose=0,
+            callbacks=_callbacks(cfg, plan, echo),
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=CHECKPOINTS_TO_KEEP, checkpoint_score_attribute=plan.metric,
+                checkpoint_score_order=plan.mode),
+            # No fail_fast: it would make the experiment unrestorable.
+            failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures),
+        ),
+    )
+    results = tuner.fit()
+    return finish(cfg, plan, results, echo=echo)
+
+
+def resume(home: str, *, echo: Echo = print, address: str | None = None) -> dict[str, Any]:
+    """Continue an interrupted sweep from its folder (driver killed, even by SIGKILL)."""
+    from ray import tune
+
+    plan = Plan.load(home)
+    cfg = with_num_samples(load_sweep(Path(plan.home) / SWEEP_FILE), plan.num_samples)
+    if address is not None:
+        plan.address = address
+    if not tune.Tuner.can_restore(plan.experiment_path):
+        raise SweepInputError(f"{plan.experiment_path}: no Tune experiment state to resume")
+    splits = _load_splits(cfg)
+    _start_ray(plan.address)
+    has_gpu = _check_cluster(cfg, plan)
+    echo(f"resuming sweep {plan.name} from {plan.experiment_path}")
+    # The trainable must be wrapped exactly as at launch (resources, dataset).
+    tuner = tune.Tuner.restore(plan.experiment_path, trainable=_trainable(cfg, splits, has_gpu),
+                               resume_unfinished=True, resume_errored=True)
+    results = tuner.fit()
+    return finish(cfg, plan, results, echo=echo)
+
+
+# -- after the sweep ------------------------------------------------------------------------
+def _best_value(result: Any, metric: str, mode: str) -> float | None:
+    df = result.metrics_dataframe
+    if df is None or metric not in df or df[metric].dropna().empty:
+        return None
+    series = df[metric].dropna()
+    return float(series.max() if mode == "max" else series.min())
+
+
+def finish(cfg: SweepConfig, plan: Plan, results: Any, *, echo: Echo = print) -> dict[str, Any]:
+    """Close the runs, register the top-k, print the leaderboard."""
+    from mlflow import MlflowClient
+
+    from orchestrator.registry import CHAMPION, Candidate, register
+    from orchestrator.tracking import BufferedWriter, reconcile_runs
+
+    client = MlflowClient(tracking_uri=plan.tracking_uri)
+    runs_file = Path(plan.home) / RUNS_FILE
+    runs = json.loads(runs_file.read_text()) if runs_file.exists() else {}
+    outcomes = {(r.metrics or {}).get("trial_id"): "error" if r.error else "ok" for r in results}
+    reconcile_runs(client, runs, outcomes, BufferedWriter(echo=echo))
+
+    candidates = []
+    for result in results:
+        trial_id = (result.metrics or {}).get("trial_id")
+        if result.error or trial_id not in runs:
+            continue
+        score = _best_value(result, plan.metric, plan.mode)
+        checkpoint = result.get_best_checkpoint(plan.metric, plan.mode)
+        if score is None or checkpoint is None or (result.metrics or {}).get("diverged"):
+            continue
+        candidates.append((score, trial_id, checkpoint, result))
+    reverse = plan.mode == "max"
+    candidates.sort(key=lambda c: c[0], reverse=reverse)
+
+    from trainables.engine import load_checkpoint
+
+    chosen = []
+    for score, trial_id, checkpoint, result in candidates[: plan.top_k]:
+        with checkpoint.as_directory() as folder:
+            state = load_checkpoint(folder)
+        chosen.append(Candidate(run_id=runs[trial_id]["run_id"], trial_id=trial_id,
+                                score=score, config=result.config, state=state,
+                                test_acc=(result.metrics or {}).get("test_acc")))
+    versions = register(client, plan.registered_model, chosen, metric=plan.metric) if chosen \
+        else []
+    errors = sum(1 for r in results if r.error)
+    status = "FINISHED" if chosen else "FAILED"
+    if plan.parent_run_id:
+        client.log_metric(plan.parent_run_id, "trials", len(results))
+        client.log_metric(plan.parent_run_id, "trials_failed", errors)
+        if chosen:
+            client.log_metric(plan.parent_run_id, f"best_{plan.metric}", chosen[0].score)
+        client.set_terminated(plan.parent_run_id, status=status)
+
+    from orchestrator.leaderboard import format_table, leaderboard
+
+    rows = leaderboard(client, plan)
+    echo("")
+    echo(format_table(rows, plan.metric))
+    summary: dict[str, Any] = {"trials": len(results), "errors": errors, "rows": rows,
+                               "versions": [v.version for v in versions]}
+    if versions:
+        uri = f"models:/{plan.registered_model}@{CHAMPION}"
+        summary["champion"] = uri
+        echo(f"\nregistered {len(versions)} version(s) of '{plan.registered_model}'; "
+             f"best: {uri} (tracking {plan.tracking_uri})")
+    else:
+        raise SweepError(f"no trial produced a model ({errors} of {len(results)} failed); "
+                         f"see {plan.experiment_path}")
+    if not math.isfinite(chosen[0].score):
+        echo("warning: the best score is not finite")
+    return summary

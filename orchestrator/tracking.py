@@ -1,0 +1,354 @@
+"""MLflow tracking: one writer on the driver, a parent run per sweep, a child run per trial.
+
+Workers never talk to MLflow: Tune hands every result to the driver, and
+:class:`SweepTracker` (a ``tune.Callback``) writes it. That is what makes a
+driver-local SQLite store work on a cluster and keeps tracking credentials off
+the workers.
+
+What the stock ``MLflowLoggerCallback`` gets wrong and this module does instead:
+
+* nesting: each trial run carries ``mlflow.parentRunId`` of the sweep's run;
+* resume: the trial -> run id map (and the last epoch logged) is kept in a JSON
+  file beside the experiment, so after ``Tuner.restore`` an interrupted trial
+  continues its own run: no second run, none left RUNNING, no epoch twice;
+* statuses: FINISHED, FAILED (error or divergence, with the error as an
+  artifact), KILLED for trials the scheduler stopped, tagged ``wrnsweep.pruned``;
+* an unreachable tracking server does not stop training: every write goes
+  through :class:`BufferedWriter`, which retries with back-off, keeps order, and
+  says so on the terminal once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from orchestrator.search import EPOCH_KEY, TOTAL_EPOCHS_KEY
+
+log = logging.getLogger(__name__)
+
+# Parameters every trial run gets, under the same names for every architecture
+# (so the MLflow compare view lines them up). Model hyperparameters an
+# architecture does not have are logged as "n/a".
+RUN_PARAMS = (
+    "arch", "depth", "width", "dropout", "shortcut", "variant", "dataset", "epochs",
+    "batch_size", "lr", "momentum", "nesterov", "weight_decay", "milestones", "gamma",
+    "warmup_epochs", "label_smoothing", "seed",
+)
+EPOCH_METRICS = (
+    "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_second",
+)
+PARENT_TAG = "mlflow.parentRunId"
+TRIAL_TAG = "wrnsweep.trial_id"
+SWEEP_TAG = "wrnsweep.sweep"
+
+
+class BufferedWriter:
+    """Ordered MLflow writes that survive a tracking server going away.
+
+    ``submit(op)`` queues a write and flushes the queue; a failing write stays
+    at the head, later ones wait behind it, and the next ``submit`` or
+    ``flush`` retries (with exponential back-off between attempts, capped at
+    ``max_delay`` seconds). Nothing is dropped; ``close`` blocks until
+    everything is written or ``deadline`` seconds have passed.
+    """
+
+    def __init__(self, *, max_delay: float = 30.0, echo: Callable[[str], None] = print) -> None:
+        self.pending: list[Callable[[], Any]] = []
+        self.max_delay = max_delay
+        self.echo = echo
+        self.delay = 0.0
+        self.next_try = 0.0
+        self.warned = False
+
+    def submit(self, op: Callable[[], Any]) -> None:
+        self.pending.append(op)
+        self.flush()
+
+    def flush(self) -> bool:
+        """Write what is queued; False while the store is unreachable."""
+        if time.monotonic() < self.next_try:
+            return False
+        while self.pending:
+            try:
+                self.pending[0]()
+            except Exception as err:  # MlflowException, requests' ConnectionError, ...
+                self.delay = min(self.max_delay, max(0.5, self.delay * 2))
+                self.next_try = time.monotonic() + self.delay
+                if not self.warned:
+                    self.echo(f"MLflow tracking unreachable ({type(err).__name__}); training "
+                              f"goes on, {len(self.pending)} write(s) buffered and retried")
+                    self.warned = True
+                return False
+            self.pending.pop(0)
+        if self.warned:
+            self.echo("MLflow tracking reachable again; buffered writes flushed")
+            self.warned = False
+        self.delay = 0.0
+        return True
+
+    def close(self, deadline: float = 300.0) -> bool:
+        end = time.monotonic() + deadline
+        while not self.flush():
+            if time.monotonic() > end:
+                return False
+            time.sleep(min(1.0, max(0.0, self.next_try - time.monotonic())))
+        return True
+
+
+def git_commit(cwd: str | os.PathLike[str] | None = None) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=cwd, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def ensure_experiment(client: Any, name: str, artifact_location: str | None) -> str:
+    """The id of experiment ``name``, created (with its artifact root) if missing."""
+    existing = client.get_experiment_by_name(name)
+    if existing is not None:
+        return existing.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
+def run_params(config: dict[str, Any]) -> dict[str, str]:
+    """Resolved trial configuration (paper defaults filled in) as MLflow params."""
+    from trainables.config import MODEL_HPARAMS, TrainConfig
+    from trainables.trainable import trial_config
+
+    cfg = TrainConfig.from_dict(trial_config(config))
+    values = cfg.to_dict()
+    out: dict[str, str] = {}
+    for name in RUN_PARAMS:
+        model_only = name in {"dropout", "shortcut", "variant", "width"}
+        if model_only and name not in MODEL_HPARAMS[cfg.arch]:
+            out[name] = "n/a"
+        elif name == "milestones":
+            out[name] = ",".join(f"{m:g}" for m in cfg.milestones)
+        else:
+            out[name] = str(values[name])
+    return out
+
+
+def run_name(config: dict[str, Any], trial_id: str) -> str:
+    """``arch-depth-width-trialid``, e.g. ``wrn-28-10-3f2a1_00004``."""
+    from trainables.trainable import trial_config
+
+    values = trial_config(config)
+    return f"{values.get('arch')}-{values.get('depth')}-{values.get('width', 1)}-{trial_id}"
+
+
+class SweepTracker(tune.Callback):
+    """Writes every Tune trial into its own MLflow child run of the sweep's run."""
+
+    def __init__(self, *, tracking_uri: str, experiment_id: str, parent_run_id: str,
+                 state_file: str, metric: str, mode: str, sweep_name: str) -> None:
+        self.tracking_uri = tracking_uri
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.state_file = state_file
+        self.metric = metric
+        self.mode = mode
+        self.sweep_name = sweep_name
+        self._client: Any = None
+        self._writer: BufferedWriter | None = None
+        self._state: dict[str, dict[str, Any]] | None = None
+
+    # Tune pickles callbacks into the experiment state (for Tuner.restore):
+    # keep only the settings, rebuild client, buffer and map on first use.
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(_client=None, _writer=None, _state=None)
+        return state
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    @property
+    def writer(self) -> BufferedWriter:
+        if self._writer is None:
+            self._writer = BufferedWriter()
+        return self._writer
+
+    @property
+    def runs(self) -> dict[str, dict[str, Any]]:
+        """trial id -> {"run_id", "last_epoch", "best"}; persisted after each change."""
+        if self._state is None:
+            path = Path(self.state_file)
+            self._state = json.loads(path.read_text()) if path.exists() else {}
+        return self._state
+
+    def _save(self) -> None:
+        path = Path(self.state_file)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.runs, indent=1, sort_keys=True))
+        tmp.replace(path)  # atomic: a SIGKILL leaves the old or the new map, never half
+
+    # -- runs ----------------------------------------------------------------------
+    def _ensure_run(self, trial: Any) -> dict[str, Any]:
+        entry = self.runs.get(trial.trial_id)
+        if entry is not None:
+            return entry
+        # The run id must be known now (it goes into the map), so this one call is
+        # synchronous; if the store is down, the trial is tracked once it is back.
+        run = self.client.create_run(
+            self.experiment_id, run_name=run_name(trial.config, trial.trial_id),
+            tags={PARENT_TAG: self.parent_run_id, TRIAL_TAG: trial.trial_id,
+                  SWEEP_TAG: self.sweep_name, "arch": str(trial.config.get("arch"))},
+        )
+        entry = {"run_id": run.info.run_id, "last_epoch": 0, "best": None}
+        self.runs[trial.trial_id] = entry
+        self._save()
+        params = run_params(trial.config)
+        self.writer.submit(lambda: self._log_params(entry["run_id"], params))
+        return entry
+
+    def _log_params(self, run_id: str, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        self.client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+
+    def _log_metrics(self, run_id: str, values: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step)
+                                               for k, v in values.items()])
+
+    def _better(self, value: float, best: float | None) -> bool:
+        return best is None or (value > best if self.mode == "max" else value < best)
+
+    # -- Tune hooks ------------------------------------------------------------------
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        try:
+            self._ensure_run(trial)
+        except Exception as err:  # tracking down at trial start: retried on the next result
+            log.warning("could not create the MLflow run of %s yet: %s", trial, err)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
+                        **info: Any) -> None:
+        try:
+            entry = self._ensure_run(trial)
+        except Exception:
+            return
+        epoch = int(result.get(EPOCH_KEY, result.get("training_iteration", 0)))
+        if epoch <= entry["last_epoch"]:
+            return  # already logged before an interruption: never twice
+        values = {k: result[k] for k in EPOCH_METRICS if k in result}
+        if self.metric in result and self._better(result[self.metric], entry["best"]):
+            entry["best"] = result[self.metric]
+        if entry["best"] is not None:
+            values[f"best_{self.metric}"] = entry["best"]
+        values["epoch"] = epoch
+        if epoch == 1 or "num_params" not in entry:
+            entry["num_params"] = result.get("num_params")
+            if result.get("num_params") is not None:
+                values["num_params"] = result["num_params"]
+        if "test_acc" in result:
+            values["test_acc"] = result["test_acc"]
+        entry["last_epoch"] = epoch
+        entry["total_epochs"] = result.get(TOTAL_EPOCHS_KEY)
+        entry["diverged"] = bool(result.get("diverged"))
+        self._save()
+        run_id = entry["run_id"]
+        self.writer.submit(lambda: self._log_metrics(run_id, values, epoch))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        entry = self.runs.get(trial.trial_id)
+        if entry is None:
+            return
+        run_id = entry["run_id"]
+        total = entry.get("total_epochs") or 0
+        if entry.get("diverged"):
+            status, tags = "FAILED", {"wrnsweep.diverged": "true"}
+        elif entry["last_epoch"] < total:
+            status, tags = "KILLED", {"wrnsweep.pruned": "true",
+                                      "wrnsweep.stopped_at_epoch": str(entry["last_epoch"])}
+        else:
+            status, tags = "FINISHED", {}
+        entry["status"] = status
+        self._save()
+        self.writer.submit(lambda: self._finish(run_id, status, tags))
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        try:
+            entry = self._ensure_run(trial)
+        except Exception:
+            return
+        entry["status"] = "FAILED"
+        self._save()
+        message = _error_text(trial)
+        run_id = entry["run_id"]
+
+        def fail() -> None:
+            self.client.log_text(run_id, message, "error.txt")
+            self._finish(run_id, "FAILED", {"wrnsweep.error": message.splitlines()[-1][:250]
+                                            if message else "error"})
+
+        self.writer.submit(fail)
+
+    def _finish(self, run_id: str, status: str, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, v)
+        self.client.set_terminated(run_id, status=status)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        if not self.writer.close():
+            log.error("MLflow writes still pending after 300 s; the tracking store is down")
+
+
+def _error_text(trial: Any) -> str:
+    path = getattr(trial, "error_file", None)
+    if path and os.path.exists(path):
+        return Path(path).read_text()
+    return str(getattr(trial, "error_msg", None) or "the trial failed without an error message")
+
+
+def reconcile_runs(client: Any, runs: dict[str, dict[str, Any]], outcomes: dict[str, str],
+                   writer: BufferedWriter) -> int:
+    """Terminate trial runs still RUNNING after the sweep; the number fixed.
+
+    A driver killed between a trial's last result and its completion hook leaves
+    the run RUNNING; once the resumed sweep is over, the map and Tune's outcome
+    (``outcomes``: trial id -> "error" or "ok") say how it ended.
+    """
+    fixed = 0
+    for trial_id, entry in runs.items():
+        run = client.get_run(entry["run_id"])
+        if run.info.status != "RUNNING":
+            continue
+        tags: dict[str, str] = {}
+        if outcomes.get(trial_id) == "error" or entry.get("diverged"):
+            status = "FAILED"
+        elif entry["last_epoch"] < (entry.get("total_epochs") or 0):
+            status = "KILLED"
+            tags = {"wrnsweep.pruned": "true",
+                    "wrnsweep.stopped_at_epoch": str(entry["last_epoch"])}
+        else:
+            status = "FINISHED"
+
+        def close(run_id: str = entry["run_id"], status: str = status,
+                  tags: dict[str, str] = tags) -> None:
+            for k, v in tags.items():
+                client.set_tag(run_id, k, v)
+            client.set_terminated(run_id, status=status)
+
+        writer.submit(close)
+        fixed += 1
+    writer.close()
+    return fixed
