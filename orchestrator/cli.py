@@ -252,11 +252,9 @@ def _plan_for(target: str, tracking_uri: str | None) -> Any:
     if not tracking_uri:
         raise InvalidInput(f"{target}: no such sweep folder (give a folder, or a sweep name "
                            "with --tracking-uri)")
-    from mlflow import MlflowClient
+    from orchestrator.tracking import SWEEP_TAG, mlflow_client
 
-    from orchestrator.tracking import SWEEP_TAG
-
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = mlflow_client(tracking_uri)
     runs = client.search_runs(
         [e.experiment_id for e in client.search_experiments()],
         filter_string=f"tags.`{SWEEP_TAG}` = '{target}' and tags.`mlflow.runName` = '{target}'",
@@ -279,14 +277,13 @@ def _plan_for(target: str, tracking_uri: str | None) -> Any:
 @tracking_option
 def best(target: str, top: int | None, as_json: bool, tracking_uri: str | None) -> None:
     """Leaderboard of a sweep from MLflow; TARGET is a sweep folder or a sweep name."""
-    from mlflow import MlflowClient
-
     from orchestrator.leaderboard import format_table, leaderboard
+    from orchestrator.tracking import mlflow_client
 
     if top is not None and top < 1:
         raise InvalidInput(f"--top must be >= 1, got {top}")
     plan = _plan_for(target, tracking_uri)
-    rows = leaderboard(MlflowClient(tracking_uri=plan.tracking_uri), plan, top=top)
+    rows = leaderboard(mlflow_client(plan.tracking_uri), plan, top=top)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:

@@ -101,6 +101,31 @@ def register(client: Any, name: str, candidates: list[Candidate], *,
     return versions
 
 
+def resolve_source(uri: str, tracking_uri: str | None) -> str:
+    """The artifact location behind ``models:/NAME@alias`` or ``models:/NAME/VERSION``.
+
+    Resolved through a client whose registry is the tracking store: MLflow's own
+    ``models:/`` handling consults the process-wide default registry instead.
+    """
+    if not uri.startswith("models:/"):
+        return uri
+    from orchestrator.tracking import mlflow_client
+
+    if tracking_uri is None:
+        import mlflow
+
+        tracking_uri = mlflow.get_tracking_uri()
+    client = mlflow_client(tracking_uri)
+    name, sep, alias = uri[len("models:/"):].partition("@")
+    if sep:
+        return client.get_model_version_by_alias(name, alias).source
+    name, _, version = name.rpartition("/")
+    if not name or not version:
+        raise ValueError(f"model URI must be models:/NAME@ALIAS or models:/NAME/VERSION, "
+                         f"got {uri!r}")
+    return client.get_model_version(name, version).source
+
+
 def load_model(uri: str, *, tracking_uri: str | None = None) -> tuple[Any, dict[str, Any]]:
     """``(nn.Module in eval mode on CPU, model card)`` from a registry URI or folder.
 
@@ -116,7 +141,7 @@ def load_model(uri: str, *, tracking_uri: str | None = None) -> tuple[Any, dict[
         import mlflow.artifacts
 
         folder = Path(mlflow.artifacts.download_artifacts(
-            artifact_uri=uri, tracking_uri=tracking_uri, registry_uri=tracking_uri))
+            artifact_uri=resolve_source(uri, tracking_uri), tracking_uri=tracking_uri))
     card = json.loads((folder / CONFIG_FILE).read_text())
     model = build_model(card["arch"], num_classes=card["num_classes"], **card["hparams"])
     model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))

@@ -174,8 +174,24 @@ def describe_plan(cfg: SweepConfig, plan: Plan) -> str:
 
 
 # -- running -----------------------------------------------------------------------------
+def trial_dirname(trial: Any) -> str:
+    """Short trial folders (``wrn-3f2a1_00004``) instead of Tune's config dump."""
+    return f"{trial.config.get('arch', 'trial')}-{trial.trial_id}"
+
+
+def _quiet_tune() -> None:
+    """Settings read by Tune when the Tuner is built, in the driver process."""
+    # The driver prints its own progress lines; Tune's tables would repeat them.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Snapshot the experiment often: a driver killed between snapshots loses the
+    # trials started since (cheap here: the state of a sweep is small JSON).
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+
+
 def _start_ray(address: str | None) -> None:
     import ray
+
+    _quiet_tune()
 
     if ray.is_initialized():
         return
@@ -194,8 +210,11 @@ def _check_cluster(cfg: SweepConfig, plan: Plan) -> bool:
 
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     issues = check_cluster_fits(cfg, nodes)
+    if issues and not plan.address:
+        raise ConfigError(issues)  # the local Ray will never grow
     if issues:
-        raise ConfigError(issues)
+        # A joined cluster may autoscale: nodes that satisfy the request can still come.
+        plan.extra["fit_warning"] = "; ".join(str(i) for i in issues)
     multi_node = len(nodes) > 1
     if multi_node and not is_uri(plan.storage_path) and not os.environ.get(
             "WRNSWEEP_SHARED_STORAGE"):
@@ -228,11 +247,9 @@ def _trainable(cfg: SweepConfig, splits: Any, has_gpu: bool) -> Any:
 
 
 def _start_tracking(cfg: SweepConfig, plan: Plan) -> None:
-    from mlflow import MlflowClient
+    from orchestrator.tracking import SWEEP_TAG, ensure_experiment, git_commit, mlflow_client
 
-    from orchestrator.tracking import SWEEP_TAG, ensure_experiment, git_commit
-
-    client = MlflowClient(tracking_uri=plan.tracking_uri)
+    client = mlflow_client(plan.tracking_uri)
     artifacts = None
     if plan.tracking_uri.startswith("sqlite:"):
         # The embedded store keeps its artifacts beside the database, not in ./mlruns.
@@ -285,8 +302,9 @@ def launch(cfg: SweepConfig, plan: Plan, *, echo: Echo = print) -> dict[str, Any
     plan.num_samples = num_samples
     _start_ray(plan.address)
     has_gpu = _check_cluster(cfg, plan)
-    if "storage_warning" in plan.extra:
-        echo("warning: " + plan.extra["storage_warning"])
+    for key in ("storage_warning", "fit_warning"):
+        if key in plan.extra:
+            echo(f"warning: {plan.extra[key]}")
     Path(plan.home).mkdir(parents=True, exist_ok=True)
     (Path(plan.home) / SWEEP_FILE).write_text(cfg.source_text)
     _start_tracking(cfg, plan)
@@ -298,7 +316,7 @@ def launch(cfg: SweepConfig, plan: Plan, *, echo: Echo = print) -> dict[str, Any
         _trainable(cfg, splits, has_gpu),
         tune_config=tune.TuneConfig(
             search_alg=searcher, scheduler=create_scheduler(cfg), num_samples=num_samples,
-            metric=plan.metric, mode=plan.mode,
+            metric=plan.metric, mode=plan.mode, trial_dirname_creator=trial_dirname,
         ),
         run_config=tune.RunConfig(
             name=plan.name, storage_path=plan.storage_path, verbose=0,
@@ -346,12 +364,10 @@ def _best_value(result: Any, metric: str, mode: str) -> float | None:
 
 def finish(cfg: SweepConfig, plan: Plan, results: Any, *, echo: Echo = print) -> dict[str, Any]:
     """Close the runs, register the top-k, print the leaderboard."""
-    from mlflow import MlflowClient
-
     from orchestrator.registry import CHAMPION, Candidate, register
-    from orchestrator.tracking import BufferedWriter, reconcile_runs
+    from orchestrator.tracking import BufferedWriter, mlflow_client, reconcile_runs
 
-    client = MlflowClient(tracking_uri=plan.tracking_uri)
+    client = mlflow_client(plan.tracking_uri)
     runs_file = Path(plan.home) / RUNS_FILE
     runs = json.loads(runs_file.read_text()) if runs_file.exists() else {}
     outcomes = {(r.metrics or {}).get("trial_id"): "error" if r.error else "ok" for r in results}

@@ -104,6 +104,18 @@ class BufferedWriter:
         return True
 
 
+def mlflow_client(tracking_uri: str) -> Any:
+    """A client whose model registry is the tracking store itself.
+
+    Without an explicit ``registry_uri`` MLflow falls back to a process-wide
+    default (``sqlite:///mlflow.db`` in the working directory), so versions
+    would be registered somewhere other than where the runs are.
+    """
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
 def git_commit(cwd: str | os.PathLike[str] | None = None) -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -174,9 +186,7 @@ class SweepTracker(tune.Callback):
     @property
     def client(self) -> Any:
         if self._client is None:
-            from mlflow import MlflowClient
-
-            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            self._client = mlflow_client(self.tracking_uri)
         return self._client
 
     @property
@@ -329,6 +339,14 @@ def reconcile_runs(client: Any, runs: dict[str, dict[str, Any]], outcomes: dict[
     """
     fixed = 0
     for trial_id, entry in runs.items():
+        if trial_id not in outcomes:
+            # Started after Tune's last experiment snapshot before a driver crash: Tune
+            # no longer knows the trial and ran a fresh one instead. Soft-delete its run
+            # (recoverable with `mlflow gc`'s counterpart, `mlflow runs restore`) so the
+            # sweep shows each trial once.
+            writer.submit(lambda run_id=entry["run_id"]: _drop_orphan(client, run_id))
+            fixed += 1
+            continue
         run = client.get_run(entry["run_id"])
         if run.info.status != "RUNNING":
             continue
@@ -352,3 +370,10 @@ def reconcile_runs(client: Any, runs: dict[str, dict[str, Any]], outcomes: dict[
         fixed += 1
     writer.close()
     return fixed
+
+
+def _drop_orphan(client: Any, run_id: str) -> None:
+    client.set_tag(run_id, "wrnsweep.orphaned", "true")
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, status="KILLED")
+    client.delete_run(run_id)

@@ -1,0 +1,198 @@
+"""End to end: `wrnsweep launch` / `resume` / `best` on real Ray, Optuna and a SQLite MLflow.
+
+Every assertion reads results back from where a user would look: MlflowClient
+(runs, metric histories, registry) and the files of the sweep folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TWO_ARCH = REPO / "tests" / "sweeps" / "two_arch.yaml"
+WRNSWEEP = str(Path(sys.executable).with_name("wrnsweep"))
+
+pytestmark = pytest.mark.slow
+
+
+def wrnsweep(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([WRNSWEEP, *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout, env={**os.environ, "RAY_ADDRESS": ""})
+
+
+def client_for(home: Path):
+    from mlflow import MlflowClient
+
+    meta = json.loads((home / "wrnsweep.json").read_text())
+    uri = meta["tracking_uri"]
+    return MlflowClient(tracking_uri=uri, registry_uri=uri), meta
+
+
+def child_runs(client, meta) -> list:
+    return client.search_runs(
+        [meta["experiment_id"]],
+        filter_string=f"tags.`mlflow.parentRunId` = '{meta['parent_run_id']}'",
+        max_results=1000)
+
+
+def epoch_steps(client, run_id: str) -> list[int]:
+    return [m.step for m in client.get_metric_history(run_id, "val_acc")]
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    work = tmp_path_factory.mktemp("launch")
+    result = wrnsweep("launch", str(TWO_ARCH), "--storage", str(work / "runs"), cwd=work)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return work / "runs" / "e2e", result
+
+
+def test_launch_tracks_every_trial_under_one_parent(finished_sweep) -> None:
+    home, result = finished_sweep
+    client, meta = client_for(home)
+    parent = client.get_run(meta["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["ray.address"] == "local"
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"sweep.yaml", "resolved_config.json"} <= artifacts
+
+    runs = child_runs(client, meta)
+    assert len(runs) == 5
+    assert {r.data.params["arch"] for r in runs} == {"wrn", "resnet"}
+    assert len({r.data.tags["wrnsweep.trial_id"] for r in runs}) == 5
+    for run in runs:
+        params, tags = run.data.params, run.data.tags
+        # Same param names for every architecture, "n/a" where one does not apply.
+        assert {"arch", "depth", "width", "dropout", "shortcut", "variant", "lr",
+                "milestones", "weight_decay", "gamma", "epochs"} <= set(params)
+        assert run.info.run_name == (f"{params['arch']}-{params['depth']}-{params['width']}-"
+                                     f"{tags['wrnsweep.trial_id']}")
+        if params["arch"] == "resnet":
+            assert params["dropout"] == "n/a"
+            assert (params["weight_decay"], params["milestones"]) == ("0.0001", "0.5,0.75")
+        else:
+            assert params["shortcut"] == "n/a"
+            assert params["nesterov"] == "True"
+        steps = epoch_steps(client, run.info.run_id)
+        last = int(run.data.metrics["epoch"])
+        assert steps == list(range(1, last + 1))  # every epoch once, with step=epoch
+        assert run.data.metrics["num_params"] > 0
+        if tags.get("wrnsweep.pruned") == "true":
+            assert run.info.status == "KILLED"
+            assert last < 3
+        else:
+            assert run.info.status == "FINISHED"
+            assert last == 3
+            assert 0.0 <= run.data.metrics["test_acc"] <= 1.0
+    assert "registered 2 version(s) of 'e2e'" in result.stdout
+
+
+def test_registered_champion_loads_without_pickle_and_predicts(finished_sweep) -> None:
+    from orchestrator.registry import load_model
+
+    home, _ = finished_sweep
+    client, meta = client_for(home)
+    versions = client.search_model_versions("name = 'e2e'")
+    assert len(versions) == 2
+    champion = client.get_model_version_by_alias("e2e", "champion")
+    assert champion.tags["rank"] == "1"
+    best_run = client.get_run(champion.run_id)
+    assert float(champion.tags["val_acc"]) == pytest.approx(
+        best_run.data.metrics["best_val_acc"], rel=1e-5)
+    others = [v for v in versions if v.version != champion.version]
+    assert float(others[0].tags["val_acc"]) <= float(champion.tags["val_acc"])
+
+    model, card = load_model("models:/e2e@champion", tracking_uri=meta["tracking_uri"])
+    assert card["arch"] == best_run.data.params["arch"]
+    assert card["mean"] and card["input_shape"] == [3, 32, 32]
+    from trainables.data import Loader, load_splits
+
+    splits = load_splits("synthetic", synthetic_size=256)
+    loader = Loader(splits.val, splits.spec, batch_size=512, train=False)
+    x, y = next(iter(loader))
+    assert len(y) == len(splits.val)  # the whole validation split in one batch
+    with torch.no_grad():
+        accuracy = (model(x).argmax(1) == y).float().mean().item()
+    # The registered weights are the best checkpoint's: they score exactly its val_acc.
+    assert accuracy == pytest.approx(float(champion.tags["val_acc"]), abs=1e-6)
+    assert accuracy > 0.15  # chance is 0.1
+
+
+def test_best_prints_the_leaderboard_from_mlflow(finished_sweep) -> None:
+    home, _ = finished_sweep
+    table = wrnsweep("best", str(home), cwd=home)
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.splitlines()[0].split()[:3] == ["rank", "run", "arch"]
+    rows = json.loads(wrnsweep("best", str(home), "--top", "2", "--json", cwd=home).stdout)
+    assert [r["rank"] for r in rows] == [1, 2]
+    assert rows[0]["best"] >= rows[1]["best"]
+    client, meta = client_for(home)
+    by_name = wrnsweep("best", "e2e", "--tracking-uri", meta["tracking_uri"], "--json",
+                       cwd=home)
+    assert json.loads(by_name.stdout) == json.loads(
+        wrnsweep("best", str(home), "--json", cwd=home).stdout)
+
+
+def test_launching_the_same_sweep_again_is_refused(finished_sweep) -> None:
+    home, _ = finished_sweep
+    again = wrnsweep("launch", str(TWO_ARCH), "--storage", str(home.parent), cwd=home)
+    assert again.returncode == 2
+    assert "wrnsweep resume" in again.stderr and "Traceback" not in again.stderr
+
+
+def _wait_for(condition, timeout: float, what: str) -> None:
+    """Poll a real condition (not a fixed sleep) until it holds or time runs out."""
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+def test_sweep_killed_with_sigkill_resumes_to_completion(tmp_path: Path) -> None:
+    runs_file = tmp_path / "runs" / "e2e" / "mlflow-runs.json"
+    driver = subprocess.Popen(
+        [WRNSWEEP, "launch", str(TWO_ARCH), "--storage", str(tmp_path / "runs")],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True, env={**os.environ, "RAY_ADDRESS": ""})
+
+    def mid_sweep() -> bool:
+        if driver.poll() is not None:
+            raise AssertionError("the sweep ended before it could be killed")
+        try:
+            runs = json.loads(runs_file.read_text())
+        except (OSError, ValueError):
+            return False
+        return len(runs) >= 2 and any(r["last_epoch"] >= 1 for r in runs.values())
+
+    _wait_for(mid_sweep, 300, "two trials with a logged epoch")
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started
+    driver.wait(timeout=60)
+    subprocess.run(["ray", "stop", "--force"], capture_output=True,
+                   env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+
+    home = tmp_path / "runs" / "e2e"
+    client, meta = client_for(home)
+    assert client.get_run(meta["parent_run_id"]).info.status == "RUNNING"
+
+    resumed = wrnsweep("resume", str(home), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+
+    runs = child_runs(client, meta)
+    trial_ids = [r.data.tags["wrnsweep.trial_id"] for r in runs]
+    assert len(runs) == 5 and len(set(trial_ids)) == 5  # num_samples, no duplicates
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    assert client.get_run(meta["parent_run_id"]).info.status == "FINISHED"
+    for run in runs:
+        last = int(run.data.metrics["epoch"])
+        assert epoch_steps(client, run.info.run_id) == list(range(1, last + 1))
+    assert client.get_model_version_by_alias("e2e", "champion") is not None
