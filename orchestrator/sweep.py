@@ -317,6 +317,9 @@ def launch(cfg: SweepConfig, plan: Plan, *, echo: Echo = print) -> dict[str, Any
         tune_config=tune.TuneConfig(
             search_alg=searcher, scheduler=create_scheduler(cfg), num_samples=num_samples,
             metric=plan.metric, mode=plan.mode, trial_dirname_creator=trial_dirname,
+            # A new trial reuses a finished trial's worker when their resources match:
+            # torch is imported and the dataset fetched once per slot, not per trial.
+            reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=plan.name, storage_path=plan.storage_path, verbose=0,
