@@ -186,9 +186,9 @@ def _run_sweep(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 address_option = click.option(
-    "--address", envvar="RAY_ADDRESS", default=None,
-    help="Ray cluster to join: auto or ray://HOST:10001 [default: start a local Ray; "
-         "env RAY_ADDRESS].")
+    "--address", default=None,
+    help="Ray cluster to join: auto, HOST:6379 or ray://HOST:10001 [default: start a local "
+         "Ray, or join RAY_ADDRESS when it names a cluster].")
 tracking_option = click.option(
     "--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
     help="MLflow tracking URI, e.g. http://HOST:5000 [default: SQLite in the sweep folder; "
@@ -288,3 +288,121 @@ def best(target: str, top: int | None, as_json: bool, tracking_uri: str | None) 
         click.echo(json.dumps(rows, indent=2))
     else:
         click.echo(format_table(rows, plan.metric))
+
+
+# -- cluster jobs -------------------------------------------------------------------------
+jobs_address_option = click.option(
+    "--address", envvar="RAY_ADDRESS", required=True,
+    help="Ray Jobs API of the cluster's head, e.g. http://HEAD:8265 [env RAY_ADDRESS].")
+
+
+def _jobs_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Connection problems and unknown job ids are user errors, not tracebacks."""
+    from orchestrator.jobs import use_token_if_present
+
+    use_token_if_present()  # must precede the first import of ray, which reads the mode
+    from ray.exceptions import AuthenticationError
+
+    try:
+        return fn(*args, **kwargs)
+    except (ConnectionError, ValueError, RuntimeError, AuthenticationError) as err:
+        raise click.ClickException(str(err).strip().splitlines()[0]) from None
+
+
+@main.command()
+@click.argument("sweep_file", type=click.Path(dir_okay=False))
+@jobs_address_option
+@click.option("--follow", is_flag=True, help="Stream the job's logs; exit with its outcome.")
+@click.option("--storage", default=None,
+              help="storage_path on the cluster: a shared folder or s3:// / gs:// URI.")
+@click.option("--tracking-uri", default=None,
+              help="MLflow tracking URI as seen from the cluster, e.g. http://mlflow:5000.")
+@click.option("--num-samples", type=int, default=None, help="Trials to run (overrides the file).")
+@click.option("--name", default=None, help="Sweep name (overrides the file's `name`).")
+@click.option("--pip", multiple=True, help="Extra pip requirement for the job (repeatable).")
+def submit(sweep_file: str, address: str, follow: bool, storage: str | None,
+           tracking_uri: str | None, num_samples: int | None, name: str | None,
+           pip: tuple[str, ...]) -> None:
+    """Submit SWEEP_FILE to a Ray cluster through the Jobs API (validated here first)."""
+    from orchestrator import jobs
+
+    _load_sweep_or_exit(sweep_file)
+    if num_samples is not None and num_samples < 1:
+        raise InvalidInput(f"--num-samples must be >= 1, got {num_samples}")
+    client, job_id = _jobs_call(jobs.submit, sweep_file, address=address, storage=storage,
+                                tracking_uri=tracking_uri, num_samples=num_samples,
+                                name=name, pip=pip)
+    click.echo(f"submitted job {job_id} to {address}")
+    if not follow:
+        click.echo(f"follow it with: wrnsweep jobs logs {job_id} --address {address} --follow")
+        return
+    status = jobs.follow(client, job_id, click.echo)
+    click.echo(f"job {job_id}: {status}")
+    if status != "SUCCEEDED":
+        sys.exit(1)
+
+
+@main.group(name="jobs")
+def jobs_group() -> None:
+    """List, inspect, follow and stop submitted sweeps."""
+
+
+@jobs_group.command(name="list")
+@jobs_address_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def jobs_list(address: str, as_json: bool) -> None:
+    """Submitted sweeps on the cluster, newest first."""
+    from orchestrator import jobs
+
+    found = _jobs_call(lambda: jobs.client(address).list_jobs())
+    rows = sorted((jobs.describe(j) for j in found if (j.metadata or {}).get("wrnsweep.sweep")),
+                  key=lambda r: r["start"] or 0, reverse=True)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        click.echo(f"{row['job_id']}  {row['status']:<9}  {row['sweep']}")
+
+
+@jobs_group.command(name="status")
+@click.argument("job_id")
+@jobs_address_option
+def jobs_status(job_id: str, address: str) -> None:
+    """Status of one job."""
+    from orchestrator import jobs
+
+    info = _jobs_call(lambda: jobs.client(address).get_job_info(job_id))
+    row = jobs.describe(info)
+    click.echo(f"{row['job_id']}: {row['status']}" + (f" ({row['message']})"
+                                                      if row["message"] else ""))
+
+
+@jobs_group.command(name="logs")
+@click.argument("job_id")
+@jobs_address_option
+@click.option("--follow", is_flag=True, help="Keep streaming until the job ends.")
+def jobs_logs(job_id: str, address: str, follow: bool) -> None:
+    """Logs of one job."""
+    from orchestrator import jobs
+
+    client = jobs.client(address)
+    if follow:
+        status = _jobs_call(jobs.follow, client, job_id, click.echo)
+        click.echo(f"job {job_id}: {status}")
+        return
+    click.echo(_jobs_call(client.get_job_logs, job_id), nl=False)
+
+
+@jobs_group.command(name="stop")
+@click.argument("job_id")
+@jobs_address_option
+def jobs_stop(job_id: str, address: str) -> None:
+    """Stop a running job (its trials stop; `wrnsweep resume` can continue the sweep)."""
+    from orchestrator import jobs
+
+    stopped = _jobs_call(lambda: jobs.client(address).stop_job(job_id))
+    click.echo(f"job {job_id}: {'stop requested' if stopped else 'was not running'}")
+
+
+if __name__ == "__main__":  # `python -m orchestrator.cli`, the entrypoint of submitted jobs
+    main()

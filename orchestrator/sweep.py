@@ -195,6 +195,9 @@ def _start_ray(address: str | None) -> None:
 
     if ray.is_initialized():
         return
+    if os.environ.get("RAY_ADDRESS", "").startswith(("http://", "https://")):
+        # A Jobs API address (for `wrnsweep submit`/`jobs`), not one Ray can join.
+        os.environ.pop("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
