@@ -249,9 +249,20 @@ def _trainable(cfg: SweepConfig, splits: Any, has_gpu: bool) -> Any:
     return tune.with_resources(with_data, resources=resources_fn(cfg, cluster_has_gpu=has_gpu))
 
 
+def _tracking_env() -> None:
+    """Fail fast on an unreachable server: BufferedWriter retries without blocking Tune.
+
+    MLflow's own HTTP retries (7 with back-off, 120 s timeout) would stall the
+    driver's event loop, and with it every trial's results, for minutes.
+    """
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
 def _start_tracking(cfg: SweepConfig, plan: Plan) -> None:
     from orchestrator.tracking import SWEEP_TAG, ensure_experiment, git_commit, mlflow_client
 
+    _tracking_env()
     client = mlflow_client(plan.tracking_uri)
     artifacts = None
     if plan.tracking_uri.startswith("sqlite:"):
@@ -343,6 +354,7 @@ def resume(home: str, *, echo: Echo = print, address: str | None = None) -> dict
     from ray import tune
 
     plan = Plan.load(home)
+    _tracking_env()
     cfg = with_num_samples(load_sweep(Path(plan.home) / SWEEP_FILE), plan.num_samples)
     if address is not None:
         plan.address = address
@@ -382,7 +394,7 @@ def finish(cfg: SweepConfig, plan: Plan, results: Any, *, echo: Echo = print) ->
     candidates = []
     for result in results:
         trial_id = (result.metrics or {}).get("trial_id")
-        if result.error or trial_id not in runs:
+        if result.error or trial_id not in runs or runs[trial_id].get("run_id") is None:
             continue
         score = _best_value(result, plan.metric, plan.mode)
         checkpoint = result.get_best_checkpoint(plan.metric, plan.mode)

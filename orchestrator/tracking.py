@@ -201,6 +201,8 @@ class SweepTracker(tune.Callback):
         if self._state is None:
             path = Path(self.state_file)
             self._state = json.loads(path.read_text()) if path.exists() else {}
+            for entry in self._state.values():
+                entry.pop("create_queued", None)  # a queue that died with the old driver
         return self._state
 
     def _save(self) -> None:
@@ -210,52 +212,55 @@ class SweepTracker(tune.Callback):
         tmp.replace(path)  # atomic: a SIGKILL leaves the old or the new map, never half
 
     # -- runs ----------------------------------------------------------------------
+    # Every MLflow call goes through the writer queue, run creation included: the
+    # queue runs in order, so the ops queued after a create read the run id it set,
+    # and a tracking server that is down at trial start delays nothing but MLflow.
     def _ensure_run(self, trial: Any) -> dict[str, Any]:
         entry = self.runs.get(trial.trial_id)
-        if entry is not None:
-            return entry
-        # The run id must be known now (it goes into the map), so this one call is
-        # synchronous; if the store is down, the trial is tracked once it is back.
-        run = self.client.create_run(
-            self.experiment_id, run_name=run_name(trial.config, trial.trial_id),
-            tags={PARENT_TAG: self.parent_run_id, TRIAL_TAG: trial.trial_id,
-                  SWEEP_TAG: self.sweep_name, "arch": str(trial.config.get("arch"))},
-        )
-        entry = {"run_id": run.info.run_id, "last_epoch": 0, "best": None}
-        self.runs[trial.trial_id] = entry
-        self._save()
-        params = run_params(trial.config)
-        self.writer.submit(lambda: self._log_params(entry["run_id"], params))
+        if entry is None:
+            entry = {"run_id": None, "last_epoch": 0, "best": None}
+            self.runs[trial.trial_id] = entry
+            self._save()
+        if entry["run_id"] is None and not entry.get("create_queued"):
+            entry["create_queued"] = True
+            name, params = run_name(trial.config, trial.trial_id), run_params(trial.config)
+            self.writer.submit(lambda: self._create_run(trial.trial_id, entry, name, params,
+                                                        str(trial.config.get("arch"))))
         return entry
 
-    def _log_params(self, run_id: str, params: dict[str, str]) -> None:
+    def _create_run(self, trial_id: str, entry: dict[str, Any], name: str,
+                    params: dict[str, str], arch: str) -> None:
         from mlflow.entities import Param
 
-        self.client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+        if entry["run_id"] is None:
+            run = self.client.create_run(
+                self.experiment_id, run_name=name,
+                tags={PARENT_TAG: self.parent_run_id, TRIAL_TAG: trial_id,
+                      SWEEP_TAG: self.sweep_name, "arch": arch},
+            )
+            entry["run_id"] = run.info.run_id
+            entry.pop("create_queued", None)
+            self._save()
+        self.client.log_batch(entry["run_id"],
+                              params=[Param(k, v) for k, v in params.items()])
 
-    def _log_metrics(self, run_id: str, values: dict[str, float], step: int) -> None:
+    def _log_metrics(self, entry: dict[str, Any], values: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step)
-                                               for k, v in values.items()])
+        self.client.log_batch(entry["run_id"], metrics=[Metric(k, float(v), now, step)
+                                                        for k, v in values.items()])
 
     def _better(self, value: float, best: float | None) -> bool:
         return best is None or (value > best if self.mode == "max" else value < best)
 
     # -- Tune hooks ------------------------------------------------------------------
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        try:
-            self._ensure_run(trial)
-        except Exception as err:  # tracking down at trial start: retried on the next result
-            log.warning("could not create the MLflow run of %s yet: %s", trial, err)
+        self._ensure_run(trial)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:
-        try:
-            entry = self._ensure_run(trial)
-        except Exception:
-            return
+        entry = self._ensure_run(trial)
         epoch = int(result.get(EPOCH_KEY, result.get("training_iteration", 0)))
         if epoch <= entry["last_epoch"]:
             return  # already logged before an interruption: never twice
@@ -265,61 +270,67 @@ class SweepTracker(tune.Callback):
         if entry["best"] is not None:
             values[f"best_{self.metric}"] = entry["best"]
         values["epoch"] = epoch
-        if epoch == 1 or "num_params" not in entry:
-            entry["num_params"] = result.get("num_params")
-            if result.get("num_params") is not None:
-                values["num_params"] = result["num_params"]
-        if "test_acc" in result:
-            values["test_acc"] = result["test_acc"]
+        for key in ("num_params", "test_acc"):
+            if result.get(key) is not None:
+                values[key] = result[key]
         entry["last_epoch"] = epoch
         entry["total_epochs"] = result.get(TOTAL_EPOCHS_KEY)
         entry["diverged"] = bool(result.get("diverged"))
         self._save()
-        run_id = entry["run_id"]
-        self.writer.submit(lambda: self._log_metrics(run_id, values, epoch))
+        self.writer.submit(lambda: self._log_metrics(entry, values, epoch))
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        """A failed attempt that Tune retries from the last checkpoint."""
+        entry = self._ensure_run(trial)
+        entry["retries"] = entry.get("retries", 0) + 1
+        self._save()
+        retries, message = str(entry["retries"]), _error_text(trial)
+        self.writer.submit(lambda: self._note_retry(entry, retries, message))
+
+    def _note_retry(self, entry: dict[str, Any], retries: str, message: str) -> None:
+        self.client.set_tag(entry["run_id"], "wrnsweep.retries", retries)
+        self.client.log_text(entry["run_id"], message, f"errors/attempt-{retries}.txt")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         entry = self.runs.get(trial.trial_id)
         if entry is None:
             return
-        run_id = entry["run_id"]
-        total = entry.get("total_epochs") or 0
-        if entry.get("diverged"):
-            status, tags = "FAILED", {"wrnsweep.diverged": "true"}
-        elif entry["last_epoch"] < total:
-            status, tags = "KILLED", {"wrnsweep.pruned": "true",
-                                      "wrnsweep.stopped_at_epoch": str(entry["last_epoch"])}
-        else:
-            status, tags = "FINISHED", {}
+        status, tags = outcome(entry, errored=False)
         entry["status"] = status
         self._save()
-        self.writer.submit(lambda: self._finish(run_id, status, tags))
+        self.writer.submit(lambda: self._finish(entry, status, tags))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        try:
-            entry = self._ensure_run(trial)
-        except Exception:
-            return
+        entry = self._ensure_run(trial)
         entry["status"] = "FAILED"
         self._save()
         message = _error_text(trial)
-        run_id = entry["run_id"]
+        last_line = message.strip().splitlines()[-1][:250] if message.strip() else "error"
 
         def fail() -> None:
-            self.client.log_text(run_id, message, "error.txt")
-            self._finish(run_id, "FAILED", {"wrnsweep.error": message.splitlines()[-1][:250]
-                                            if message else "error"})
+            self.client.log_text(entry["run_id"], message, "error.txt")
+            self._finish(entry, "FAILED", {"wrnsweep.error": last_line})
 
         self.writer.submit(fail)
 
-    def _finish(self, run_id: str, status: str, tags: dict[str, str]) -> None:
+    def _finish(self, entry: dict[str, Any], status: str, tags: dict[str, str]) -> None:
         for k, v in tags.items():
-            self.client.set_tag(run_id, k, v)
-        self.client.set_terminated(run_id, status=status)
+            self.client.set_tag(entry["run_id"], k, v)
+        self.client.set_terminated(entry["run_id"], status=status)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         if not self.writer.close():
             log.error("MLflow writes still pending after 300 s; the tracking store is down")
+
+
+def outcome(entry: dict[str, Any], *, errored: bool) -> tuple[str, dict[str, str]]:
+    """MLflow status and tags of a trial that ended, from what was logged of it."""
+    if errored or entry.get("diverged"):
+        return "FAILED", ({"wrnsweep.diverged": "true"} if entry.get("diverged") else {})
+    if entry["last_epoch"] < (entry.get("total_epochs") or 0):
+        return "KILLED", {"wrnsweep.pruned": "true",
+                          "wrnsweep.stopped_at_epoch": str(entry["last_epoch"])}
+    return "FINISHED", {}
 
 
 def _error_text(trial: Any) -> str:
@@ -339,26 +350,18 @@ def reconcile_runs(client: Any, runs: dict[str, dict[str, Any]], outcomes: dict[
     """
     fixed = 0
     for trial_id, entry in runs.items():
+        if entry.get("run_id") is None:
+            continue  # never reached MLflow (tracking was down the whole time)
         if trial_id not in outcomes:
             # Started after Tune's last experiment snapshot before a driver crash: Tune
             # no longer knows the trial and ran a fresh one instead. Soft-delete its run
-            # (recoverable with `mlflow gc`'s counterpart, `mlflow runs restore`) so the
-            # sweep shows each trial once.
+            # (`mlflow runs restore` brings it back) so the sweep shows each trial once.
             writer.submit(lambda run_id=entry["run_id"]: _drop_orphan(client, run_id))
             fixed += 1
             continue
-        run = client.get_run(entry["run_id"])
-        if run.info.status != "RUNNING":
+        if client.get_run(entry["run_id"]).info.status != "RUNNING":
             continue
-        tags: dict[str, str] = {}
-        if outcomes.get(trial_id) == "error" or entry.get("diverged"):
-            status = "FAILED"
-        elif entry["last_epoch"] < (entry.get("total_epochs") or 0):
-            status = "KILLED"
-            tags = {"wrnsweep.pruned": "true",
-                    "wrnsweep.stopped_at_epoch": str(entry["last_epoch"])}
-        else:
-            status = "FINISHED"
+        status, tags = outcome(entry, errored=outcomes.get(trial_id) == "error")
 
         def close(run_id: str = entry["run_id"], status: str = status,
                   tags: dict[str, str] = tags) -> None:
