@@ -14,6 +14,7 @@ stripped here, so the engine only ever sees ``depth``.
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 from typing import Any
 
@@ -63,6 +64,28 @@ def _trial_gpu_fraction() -> float | None:
     return gpus if 0 < gpus < 1 else None
 
 
+class InjectedFailure(RuntimeError):
+    """Raised on purpose by the fault-injection hook (see :func:`_maybe_fail`)."""
+
+
+def _maybe_fail(arch: str, next_epoch: int, restored: bool) -> None:
+    """Fault injection for testing recovery on a real cluster; inert unless configured.
+
+    ``WRNSWEEP_FAIL_AT_EPOCH=E`` makes a trial raise before training epoch E; by
+    default only on its first attempt (a retry restored from a checkpoint goes
+    on), with ``WRNSWEEP_FAIL_ALWAYS=1`` on every attempt. ``WRNSWEEP_FAIL_ARCH``
+    limits it to one architecture. Set on the nodes, never in a sweep file.
+    """
+    at = os.environ.get("WRNSWEEP_FAIL_AT_EPOCH")
+    if not at or next_epoch != int(at):
+        return
+    if os.environ.get("WRNSWEEP_FAIL_ARCH", arch) != arch:
+        return
+    if restored and os.environ.get("WRNSWEEP_FAIL_ALWAYS") != "1":
+        return
+    raise InjectedFailure(f"injected failure before epoch {next_epoch} (WRNSWEEP_FAIL_AT_EPOCH)")
+
+
 def train_trial(config: dict[str, Any], splits: Splits | None = None) -> None:
     """Run one trial; ``splits`` arrives through ``tune.with_parameters`` (object store)."""
     values = trial_config(config)
@@ -75,6 +98,7 @@ def train_trial(config: dict[str, Any], splits: Splits | None = None) -> None:
         with checkpoint.as_directory() as folder:
             trainer.load_state_dict(load_checkpoint(folder))
     while trainer.epoch < cfg.epochs:
+        _maybe_fail(cfg.arch, trainer.epoch + 1, restored=checkpoint is not None)
         result = trainer.run_epoch()
         if result.diverged:
             tune.report({"epoch": trainer.epoch + 1, "total_epochs": cfg.epochs,

@@ -1,0 +1,115 @@
+"""A real multi-node Ray cluster on this machine (`ray start --head` + `ray start --address`).
+
+Every node binds to 127.0.0.1. Nodes are told apart by their node-manager port,
+which appears on their raylet's command line, so a test can kill exactly one
+node's raylet by pid. `stop()` runs `ray stop --force`, which ends every Ray
+process of this user: the cluster tests must not share the machine with another
+Ray session (pytest runs them one after another).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env(**extra: str) -> dict[str, str]:
+    out = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", **extra}
+    out.pop("RAY_ADDRESS", None)
+    return out
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll a real condition (not a fixed sleep) until it holds or time runs out."""
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.5)
+
+
+def pids_with(*needles: str) -> list[int]:
+    """Processes whose command line contains every needle (read from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if all(n in cmdline for n in needles):
+            found.append(int(entry.name))
+    return found
+
+
+class LocalCluster:
+    def __init__(self, workdir: Path, **node_env: str) -> None:
+        self.workdir = workdir
+        self.env = env(**node_env)
+        self.port = free_port()
+        self.dashboard_port = free_port()
+        self.worker_ports: list[int] = []
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def jobs_address(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def _ray(self, *args: str) -> None:
+        result = subprocess.run([str(BIN / "ray"), *args], capture_output=True, text=True,
+                                env=self.env, cwd=self.workdir, timeout=180)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
+    def start_head(self, num_cpus: int) -> LocalCluster:
+        self._ray("start", "--head", f"--port={self.port}", "--node-ip-address=127.0.0.1",
+                  f"--num-cpus={num_cpus}", "--num-gpus=0", "--include-dashboard=true",
+                  f"--dashboard-port={self.dashboard_port}", "--disable-usage-stats")
+        return self
+
+    def add_worker(self, num_cpus: int) -> int:
+        """Start a worker node; its node-manager port identifies it."""
+        port = free_port()
+        self._ray("start", f"--address={self.address}", "--node-ip-address=127.0.0.1",
+                  f"--num-cpus={num_cpus}", "--num-gpus=0", f"--node-manager-port={port}",
+                  "--disable-usage-stats")
+        self.worker_ports.append(port)
+        return port
+
+    def kill_node(self, node_manager_port: int) -> int:
+        """SIGKILL the raylet of one node (its workers die with it)."""
+        pids = pids_with("raylet", f"--node_manager_port={node_manager_port}")
+        assert len(pids) == 1, f"expected one raylet on port {node_manager_port}, got {pids}"
+        os.kill(pids[0], signal.SIGKILL)
+        return pids[0]
+
+    def stop(self) -> None:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True,
+                       env=self.env, timeout=120)
+
+
+def trial_progress(runs_file: Path) -> dict[str, int]:
+    """trial id -> last epoch logged, from the tracker's map (empty while absent)."""
+    try:
+        runs = json.loads(runs_file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {trial: entry.get("last_epoch", 0) for trial, entry in runs.items()}
