@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests._cluster import env, free_port, trial_progress, wait_for
 
@@ -110,6 +111,7 @@ def test_sweep_survives_a_tracking_outage_and_loses_nothing(tmp_path: Path, serv
 
     model, card = load_model("models:/faults@champion", tracking_uri=server.uri)
     assert card["arch"] == "resnet" and champion.run_id in {r.info.run_id for r in runs}
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
     parent_files = {a.path for a in client.list_artifacts(meta["parent_run_id"])}
     for name in parent_files - {"sweep.yaml"}:
         text = Path(client.download_artifacts(meta["parent_run_id"], name,
