@@ -135,7 +135,7 @@ def test_best_prints_the_leaderboard_from_mlflow(finished_sweep) -> None:
     rows = json.loads(wrnsweep("best", str(home), "--top", "2", "--json", cwd=home).stdout)
     assert [r["rank"] for r in rows] == [1, 2]
     assert rows[0]["best"] >= rows[1]["best"]
-    client, meta = client_for(home)
+    _, meta = client_for(home)
     by_name = wrnsweep("best", "e2e", "--tracking-uri", meta["tracking_uri"], "--json",
                        cwd=home)
     assert json.loads(by_name.stdout) == json.loads(
@@ -177,8 +177,6 @@ def test_sweep_killed_with_sigkill_resumes_to_completion(tmp_path: Path) -> None
     _wait_for(mid_sweep, 300, "two trials with a logged epoch")
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started
     driver.wait(timeout=60)
-    subprocess.run(["ray", "stop", "--force"], capture_output=True,
-                   env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
 
     home = tmp_path / "runs" / "e2e"
     client, meta = client_for(home)
