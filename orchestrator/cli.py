@@ -385,7 +385,7 @@ def jobs_logs(job_id: str, address: str, follow: bool) -> None:
     """Logs of one job."""
     from orchestrator import jobs
 
-    client = jobs.client(address)
+    client = _jobs_call(jobs.client, address)
     if follow:
         status = _jobs_call(jobs.follow, client, job_id, click.echo)
         click.echo(f"job {job_id}: {status}")

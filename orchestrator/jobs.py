@@ -89,9 +89,9 @@ def use_token_if_present() -> None:
 
 
 def client(address: str) -> Any:
+    use_token_if_present()
     from ray.job_submission import JobSubmissionClient
 
-    use_token_if_present()
     return JobSubmissionClient(address)
 
 

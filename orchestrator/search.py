@@ -14,6 +14,7 @@ Three traps of OptunaSearch are handled here:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from optuna.trial import TrialState
@@ -130,6 +131,7 @@ def asha_rungs(cfg: SweepConfig) -> list[int]:
         return []
     rungs, t, top = [], float(cfg.scheduler.grace_period), max_epochs(cfg)
     while t < top:
-        rungs.append(round(t))
+        # A rung acts once the epoch count reaches it (ASHA: iteration >= milestone).
+        rungs.append(math.ceil(t - 1e-9))
         t *= cfg.scheduler.reduction_factor
     return rungs

@@ -30,10 +30,30 @@ def key(arch: str, name: str) -> str:
     return f"{arch}.{name}"
 
 
+def _free(space: MilestoneSpace) -> float:
+    """Room left for the milestones to move once the gaps are set aside (>= 0)."""
+    return max(0.0, space.high - space.low - (space.count - 1) * space.min_gap)
+
+
 def milestones_from_unit(u: list[float], space: MilestoneSpace) -> list[float]:
-    """Map ``count`` numbers in [0, 1] to increasing milestones ``min_gap`` apart."""
-    free = space.high - space.low - (space.count - 1) * space.min_gap
-    return [round(space.low + v * free + i * space.min_gap, 4) for i, v in enumerate(sorted(u))]
+    """Map ``count`` numbers in [0, 1] to increasing milestones ``min_gap`` apart.
+
+    No rounding: a rounded value could break the gap or the bounds that the
+    validator accepted (e.g. ``min_gap: 0.00003``).
+    """
+    free = _free(space)
+    # min(): float noise of the sum must not step past `high` on a tight spec.
+    return [min(space.high, space.low + v * free + i * space.min_gap)
+            for i, v in enumerate(sorted(u))]
+
+
+def unit_from_milestones(milestones: list[float], space: MilestoneSpace) -> list[float]:
+    """The inverse of :func:`milestones_from_unit`, for starting points."""
+    free = _free(space)
+    if free == 0:
+        return [0.0] * space.count
+    return [min(1.0, max(0.0, (m - space.low - i * space.min_gap) / free))
+            for i, m in enumerate(milestones)]
 
 
 def fixed_values(cfg: SweepConfig, arch: str) -> dict[str, Any]:
@@ -137,7 +157,10 @@ def starting_points(cfg: SweepConfig) -> list[dict[str, Any]]:
             if name == "arch" or param is None or not param.searchable:
                 continue
             if isinstance(param, MilestoneSpace):
-                continue  # drawn through milestone_u*; the validator documents it
+                # Optuna draws milestone_u*: enqueue the values that give these milestones.
+                for i, u in enumerate(unit_from_milestones(list(value), param)):
+                    enqueued[key(arch, f"milestone_u{i + 1}")] = u
+                continue
             enqueued[key(arch, name)] = value
         out.append(enqueued)
     return out

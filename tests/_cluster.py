@@ -61,7 +61,9 @@ def pids_with(*needles: str) -> list[int]:
 class LocalCluster:
     def __init__(self, workdir: Path, **node_env: str) -> None:
         self.workdir = workdir
-        self.env = env(**node_env)
+        # Ray 2.60 heads require a token; `ray start --address` only sends one in token
+        # mode (the token itself is ~/.ray/auth_token, made by the first head).
+        self.env = env(RAY_AUTH_MODE="token", **node_env)
         self.port = free_port()
         self.dashboard_port = free_port()
         self.worker_ports: list[int] = []

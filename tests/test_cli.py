@@ -1,0 +1,238 @@
+"""The ``wrnsweep`` command line as a user drives it: exit codes, messages, side effects.
+
+Commands run as subprocesses of the installed ``wrnsweep`` executable (so exit
+codes, stderr and the absence of tracebacks are the real ones); independent ones
+run side by side to keep the file fast on 2 cores. Help pages use click's
+CliRunner in-process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+from click.testing import CliRunner
+
+from orchestrator.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+WRNSWEEP = Path(sys.executable).with_name("wrnsweep")
+SHIPPED = sorted((ROOT / "search_spaces").glob("*.yaml"))
+BAD_FILES = ["depth_range.yaml", "several_issues.yaml", "unknown_arch.yaml",
+             "misspelt_search_key.yaml"]
+_EXPECT = re.compile(r"^# expect: (\d+) (\S+) \| (.+)$")
+HEAVY = {"torch", "ray", "mlflow"}
+
+
+@dataclass
+class Ran:
+    args: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    """The user's environment without cluster/tracking settings; Ray's temp dir in tmp."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    # Ray puts every session it starts under $RAY_TMPDIR/ray: if this folder appears,
+    # a command started Ray.
+    env["RAY_TMPDIR"] = str(tmp_path / "raytmp")
+    return env
+
+
+def _cli_many(tmp_path: Path, *commands: list[str], timeout: float = 120) -> list[Ran]:
+    """Run ``wrnsweep ARGS`` for each command at once from the repository root."""
+    env = _env(tmp_path)
+    procs = []
+    for args in commands:
+        start = time.monotonic()
+        proc = subprocess.Popen([str(WRNSWEEP), *args], cwd=ROOT, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        procs.append((args, start, proc))
+    out = []
+    for args, start, proc in procs:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        out.append(Ran(args, proc.returncode, stdout, stderr, time.monotonic() - start))
+    return out
+
+
+def _cli(tmp_path: Path, *args: str) -> Ran:
+    return _cli_many(tmp_path, list(args))[0]
+
+
+def _ray_started(tmp_path: Path) -> bool:
+    return (tmp_path / "raytmp").exists()
+
+
+# ------------------------------------------------------------------ validate
+
+
+def test_validate_accepts_every_shipped_file(tmp_path: Path) -> None:
+    """``wrnsweep validate`` exits 0 with "ok" for every file in search_spaces/."""
+    assert SHIPPED
+    for ran in _cli_many(tmp_path, *[["validate", str(p.relative_to(ROOT))] for p in SHIPPED]):
+        assert ran.returncode == 0, (ran.args, ran.stderr)
+        assert ": ok (" in ran.stdout, ran.stdout
+    assert not _ray_started(tmp_path)
+
+
+def _expected_lines(path: Path) -> list[tuple[str, str]]:
+    """(``FILE:LINE: KEY: `` prefix, message fragment) from the file's ``# expect:`` lines."""
+    rel = path.relative_to(ROOT)
+    out = []
+    for line in path.read_text().splitlines():
+        m = _EXPECT.match(line)
+        if m:
+            lineno, key, fragment = m.groups()
+            out.append((f"{rel}:{lineno}: {key}: ", fragment))
+    assert out, f"{path} has no '# expect:' line"
+    return out
+
+
+def test_bad_files_exit_2_with_located_messages_and_start_nothing(tmp_path: Path) -> None:
+    """validate and launch refuse broken files with exit 2 and ``FILE:LINE: key: message``
+    lines, no traceback; launch creates no output folder and never starts Ray."""
+    store = tmp_path / "store"
+    commands = []
+    for name in BAD_FILES:
+        rel = f"tests/bad_sweeps/{name}"
+        commands += [["validate", rel], ["launch", rel, "--storage", str(store)]]
+    for ran in _cli_many(tmp_path, *commands):
+        assert ran.returncode == 2, (ran.args, ran.stdout, ran.stderr)
+        assert "Traceback" not in ran.stderr + ran.stdout, ran.stderr
+        lines = ran.stderr.splitlines()
+        for prefix, fragment in _expected_lines(ROOT / ran.args[1]):
+            hits = [line for line in lines if line.startswith(prefix)]
+            assert any(fragment in line for line in hits), (ran.args, prefix, fragment,
+                                                            ran.stderr)
+        # Generous: loading the file imports torch (~3 s); starting Ray takes longer,
+        # and the RAY_TMPDIR check below is the decisive one.
+        assert ran.seconds < 60, ran.args
+    assert not store.exists()
+    assert not _ray_started(tmp_path)
+
+
+# ------------------------------------------------------------------- launch --dry-run
+
+
+def test_dry_run_prints_the_plan_and_creates_nothing(tmp_path: Path) -> None:
+    """``launch --dry-run`` prints architectures, their spaces and resources, ASHA rungs,
+    results folder, tracking URI and registry; overrides show up; nothing is created."""
+    store = (tmp_path / "store").resolve()
+    plain, other, zero = _cli_many(
+        tmp_path,
+        ["launch", "search_spaces/smoke.yaml", "--dry-run", "--storage", str(store)],
+        ["launch", "search_spaces/smoke.yaml", "--dry-run", "--storage", str(store),
+         "--num-samples", "3", "--name", "other"],
+        ["launch", "search_spaces/smoke.yaml", "--dry-run", "--storage", str(store),
+         "--num-samples", "0"],
+    )
+    assert plain.returncode == 0, plain.stderr
+    text = plain.stdout
+    assert "sweep smoke: 6 trials" in text
+    assert "architecture wrn: 4 epochs, 1 CPU, 0 GPU per trial" in text
+    assert "architecture resnet: 4 epochs, 1 CPU, 0 GPU per trial" in text
+    assert re.search(r"^  depth +one of 10, 16$", text, re.M), text
+    assert re.search(r"^  width +one of 1, 2$", text, re.M), text
+    assert re.search(r"^  dropout +one of 0.0, 0.3$", text, re.M), text
+    assert re.search(r"^  depth +one of 8, 14, 20$", text, re.M), text
+    assert len(re.findall(r"^  lr +float in \[0.02, 0.2\] \(log\)$", text, re.M)) == 2
+    assert "rungs at epochs [1, 2], max 4" in text
+    assert f"results: {store}/smoke" in text
+    assert f"tracking: sqlite:///{store}/smoke/mlflow.db" in text
+    assert "registry: top 2 as 'smoke'" in text
+
+    assert other.returncode == 0, other.stderr
+    assert "sweep other: 3 trials" in other.stdout
+    assert "study 'other'" in other.stdout
+    assert f"results: {store}/other" in other.stdout
+    assert f"tracking: sqlite:///{store}/other/mlflow.db (experiment 'other')" in other.stdout
+    assert "registry: top 2 as 'other'" in other.stdout
+
+    assert zero.returncode == 2, zero.stdout
+    assert "--num-samples" in zero.stderr
+    assert "Traceback" not in zero.stderr
+
+    assert not store.exists()
+    assert not _ray_started(tmp_path)
+
+
+# ------------------------------------------------------------------ resume / best
+
+
+def test_resume_and_best_refuse_what_is_not_a_sweep(tmp_path: Path) -> None:
+    """resume on a folder that is not a sweep, and best on a missing folder without
+    --tracking-uri, exit 2 with a message that says what to give instead."""
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    resume, best = _cli_many(tmp_path, ["resume", str(plain)],
+                             ["best", str(tmp_path / "missing")])
+    assert resume.returncode == 2, resume.stderr
+    assert f"{plain}: not a wrnsweep sweep folder" in resume.stderr
+    assert best.returncode == 2, best.stderr
+    assert "no such sweep folder" in best.stderr
+    assert "--tracking-uri" in best.stderr
+    for ran in (resume, best):
+        assert "Traceback" not in ran.stderr
+    assert not _ray_started(tmp_path)
+    assert list(plain.iterdir()) == []
+
+
+# ---------------------------------------------------------------------- help
+
+
+def _commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    out = []
+    for name, cmd in sorted(group.commands.items()):
+        out.append((*prefix, name))
+        if isinstance(cmd, click.Group):
+            out += _commands(cmd, (*prefix, name))
+    return out
+
+
+def test_every_command_has_help() -> None:
+    """``wrnsweep --help`` lists every command, and each (subcommands too) has --help."""
+    runner = CliRunner()
+    top = runner.invoke(main, ["--help"])
+    assert top.exit_code == 0
+    listed = re.findall(r"^  (\S+)", top.output.split("Commands:")[1], re.M)
+    assert sorted(listed) == sorted(main.commands)
+    assert {"train", "validate", "launch", "resume", "best"} <= set(listed)
+    for path in _commands(main):
+        result = runner.invoke(main, [*path, "--help"])
+        assert result.exit_code == 0, (path, result.output)
+        assert "Usage: " in result.output and " ".join(path) in result.output
+
+
+def test_every_command_is_in_the_readme() -> None:
+    """Each top-level command appears in README.md as inline code `wrnsweep NAME ...`."""
+    readme = (ROOT / "README.md").read_text()
+    missing = [name for name in sorted(main.commands)
+               if not re.search(rf"`wrnsweep {re.escape(name)}(\s[^`]*)?`", readme)]
+    assert not missing, f"README.md does not mention: {', '.join(missing)}"
+
+
+def test_help_imports_no_heavy_module(tmp_path: Path) -> None:
+    """Importing the CLI (all ``--help`` needs) pulls in neither torch, Ray nor MLflow,
+    and ``wrnsweep --help`` answers at once."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", "import orchestrator.cli"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
+    modules = [line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines()
+               if line.startswith("import time:") and "|" in line]
+    assert "orchestrator.cli" in modules and "click" in modules  # the parse works
+    heavy = sorted({m for m in modules if m.split(".")[0] in HEAVY})
+    assert not heavy, f"importing orchestrator.cli imports {heavy}"
+
+    ran = _cli(tmp_path, "--help")
+    assert ran.returncode == 0
+    assert ran.seconds < 10, ran.seconds
+

@@ -1,0 +1,539 @@
+"""The searcher and scheduler factories against the known Optuna / Ray Tune traps.
+
+Real Optuna and the real (subclassed) ``OptunaSearch``; no Ray cluster: each test
+drives the searcher the way Tune does (``suggest``, ``on_trial_result``,
+``on_trial_complete``). See ``/work/shared/PITFALLS.md`` for the traps.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from ray.tune.execution.placement_groups import resource_dict_to_pg_factory
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from orchestrator.config import MilestoneSpace, SweepConfig, load_sweep, parse_sweep
+from orchestrator.search import (
+    HonestOptunaSearch,
+    asha_rungs,
+    create_scheduler,
+    create_searcher,
+    n_startup_trials,
+)
+from orchestrator.space import define_by_run, milestones_from_unit
+from orchestrator.sweep import resources_fn
+from trainables.config import ARCHS, TrainConfig
+from trainables.models import check_hparams
+from trainables.trainable import trial_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SPACES = ROOT / "search_spaces"
+
+TWO_ARCH = """\
+name: two-arch
+dataset: synthetic
+architectures:
+  wrn:
+    depth: {choices: [10, 16, 22]}
+    width: {low: 1, high: 4}
+    dropout: {low: 0.0, high: 0.5}
+  resnet:
+    depth: {choices: [8, 14, 20, 32]}
+    shortcut: {choices: [A, B]}
+recipe:
+  epochs: 5
+  lr: {low: 0.02, high: 0.2, log: true}
+search: {num_samples: 30, max_concurrent: 4, seed: 3}
+"""
+
+
+def _cfg(text: str) -> SweepConfig:
+    return parse_sweep(text, "t.yaml")
+
+
+def _searcher(cfg: SweepConfig) -> tuple[ConcurrencyLimiter, HonestOptunaSearch, int]:
+    limiter, num_samples = create_searcher(cfg, study_name=cfg.name)
+    assert isinstance(limiter, ConcurrencyLimiter)
+    assert isinstance(limiter.searcher, HonestOptunaSearch)
+    return limiter, limiter.searcher, num_samples
+
+
+def _result(value: float, epoch: int, total: int, metric: str = "val_acc",
+            **extra: Any) -> dict[str, Any]:
+    """A result dict as the trainable reports it (Tune adds training_iteration)."""
+    return {metric: value, "training_iteration": epoch, "epoch": epoch,
+            "total_epochs": total, **extra}
+
+
+def _run(limiter: Any, n: int, score: Callable[[dict[str, Any]], float],
+         total: int = 5) -> list[dict[str, Any]]:
+    """Suggest, report and complete ``n`` trials one after another; the configs."""
+    configs = []
+    for i in range(n):
+        trial_id = f"trial_{i:03d}"
+        config = limiter.suggest(trial_id)
+        assert config is not None, f"no suggestion for trial {i}"
+        value = score(config)
+        for epoch in range(1, total + 1):
+            limiter.on_trial_result(trial_id, _result(value * epoch / total, epoch, total))
+        limiter.on_trial_complete(trial_id, _result(value, total, total))
+        configs.append(config)
+    return configs
+
+
+def _build(config: dict[str, Any]) -> TrainConfig:
+    """What the trainable does with a suggestion, up to building the model."""
+    cfg = TrainConfig.from_dict(trial_config(config))
+    check_hparams(cfg.arch, **cfg.model_hparams())
+    return cfg
+
+
+def _state(searcher: OptunaSearch, trial_id: str) -> optuna.trial.FrozenTrial:
+    number = searcher._ot_trials[trial_id].number
+    return searcher._ot_study.get_trials(deepcopy=False)[number]
+
+
+def _score(config: dict[str, Any]) -> float:
+    """A deterministic score with structure TPE can model."""
+    arch = config["arch"]
+    return 0.5 + 0.01 * config[f"{arch}.depth"] + (0.1 if arch == "wrn" else 0.0)
+
+
+# ------------------------------------------------------------------ 1. namespacing
+
+
+@pytest.mark.parametrize("source", ["inline", "all.yaml"])
+def test_conditional_space_is_namespaced_and_buildable(source: str) -> None:
+    """30 TPE trials over several architectures: each suggestion carries only its own
+    architecture's keys, Optuna never sees one name with two distributions, and every
+    suggestion builds through the trainable's own conversion."""
+    cfg = _cfg(TWO_ARCH) if source == "inline" else load_sweep(SPACES / source)
+    limiter, searcher, _ = _searcher(cfg)
+    configs = _run(limiter, 30, _score)
+    archs = set(cfg.arch_names())
+    assert {c["arch"] for c in configs} == archs  # every branch was explored
+    for config in configs:
+        arch = config["arch"]
+        namespaced = {k.partition(".")[0] for k in config if "." in k}
+        assert namespaced == {arch}, config
+        train = _build(config)
+        assert train.arch == arch
+        assert train.depth == config[f"{arch}.depth"]
+    for trial in searcher._ot_study.get_trials(deepcopy=False):
+        arch = trial.params["arch"]
+        assert all(name == "arch" or name.startswith(f"{arch}.") for name in trial.params)
+        assert trial.state == TrialState.COMPLETE
+
+
+def test_unnamespaced_depth_is_the_pitfall() -> None:
+    """The trap the namespacing avoids: one name ``depth`` with per-arch choices makes
+    Optuna raise as soon as both branches have been sampled."""
+
+    def space(trial: Any) -> dict[str, Any]:
+        arch = trial.suggest_categorical("arch", ["wrn", "resnet"])
+        choices = [10, 16] if arch == "wrn" else [8, 14]
+        return {"arch": arch, "depth": trial.suggest_categorical("depth", choices)}
+
+    stock = OptunaSearch(space=space, metric="val_acc", mode="max",
+                         sampler=optuna.samplers.RandomSampler(seed=0), study_name="pitfall")
+    with pytest.raises(ValueError, match="dynamic value space"):
+        for i in range(20):
+            stock.suggest(str(i))
+            stock.on_trial_complete(str(i), {"val_acc": 0.5})
+
+
+# --------------------------------------------------------- 2. architecture rules
+
+
+def test_int_depth_range_on_its_step_is_always_buildable() -> None:
+    """``depth: {low: 16, high: 40, step: 6}`` only ever samples WRN depths 6n+4."""
+    cfg = _cfg("""\
+name: steps
+architectures:
+  wrn: {depth: {low: 16, high: 40, step: 6}, width: 1}
+recipe: {epochs: 3}
+search: {num_samples: 25, algorithm: random}
+""")
+    limiter, _, _ = _searcher(cfg)
+    depths = [c["wrn.depth"] for c in _run(limiter, 25, _score, total=3)]
+    assert set(depths) <= {16, 22, 28, 34, 40}
+    assert all((d - 4) % 6 == 0 for d in depths)
+    assert len(set(depths)) >= 3  # it did explore the range
+
+
+# ------------------------------------------------------------------- 3. naming
+
+
+def test_study_is_named_after_the_sweep(tmp_path: Path) -> None:
+    """The stock default merges sweeps into one study "optuna" on a shared database;
+    ours names each study after its sweep, so two sweeps give two studies."""
+    a = _cfg(TWO_ARCH)
+    b = _cfg(TWO_ARCH.replace("name: two-arch", "name: other-sweep"))
+    names = {_searcher(c)[1]._ot_study.study_name for c in (a, b)}
+    assert names == {"two-arch", "other-sweep"}
+
+    # The pitfall: the stock searcher on one RDB storage, twice, without a name.
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    for c in (a, b):
+        OptunaSearch(space=define_by_run(c), metric="val_acc", mode="max", storage=storage)
+    assert optuna.get_all_study_names(storage) == ["optuna"]
+
+
+# ----------------------------------------------------------- 4. honest pruning
+
+HONEST = """\
+name: honest
+architectures:
+  wrn: {depth: 10, width: 1}
+recipe:
+  epochs: 5
+  lr: {low: 0.02, high: 0.2, log: true}
+search: {algorithm: random, num_samples: 8}
+"""
+
+
+def test_stopped_trial_is_pruned_finished_and_diverged_are_complete() -> None:
+    """A trial stopped at epoch 2 of 5 is PRUNED with its last intermediate value; one
+    run to the end is COMPLETE; a diverged one is COMPLETE at 0.0 (an outcome, not a
+    stop); one that raised is FAIL."""
+    limiter, searcher, _ = _searcher(_cfg(HONEST))
+    for trial_id in ("stopped", "finished", "diverged", "error"):
+        assert limiter.suggest(trial_id) is not None
+
+    limiter.on_trial_result("stopped", _result(0.3, 1, 5))
+    limiter.on_trial_result("stopped", _result(0.4, 2, 5))
+    limiter.on_trial_complete("stopped", _result(0.4, 2, 5))
+
+    for epoch in range(1, 6):
+        limiter.on_trial_result("finished", _result(0.1 * epoch + 0.4, epoch, 5))
+    limiter.on_trial_complete("finished", _result(0.9, 5, 5))
+
+    diverged = _result(0.0, 1, 5, diverged=1, val_loss=1e6)
+    limiter.on_trial_result("diverged", diverged)
+    limiter.on_trial_complete("diverged", diverged)
+
+    limiter.on_trial_complete("error", None, error=True)
+
+    stopped = _state(searcher, "stopped")
+    assert stopped.state == TrialState.PRUNED
+    assert stopped.value == pytest.approx(0.4)
+    assert stopped.intermediate_values == {1: 0.3, 2: 0.4}
+    finished = _state(searcher, "finished")
+    assert (finished.state, finished.value) == (TrialState.COMPLETE, pytest.approx(0.9))
+    div = _state(searcher, "diverged")
+    assert (div.state, div.value) == (TrialState.COMPLETE, 0.0)
+    assert _state(searcher, "error").state == TrialState.FAIL
+    # A second completion (Tune may send one after a restore) changes nothing.
+    limiter.on_trial_complete("stopped", _result(0.4, 2, 5))
+    assert _state(searcher, "stopped").state == TrialState.PRUNED
+
+
+def test_stock_optuna_search_records_a_stopped_trial_as_complete() -> None:
+    """The pitfall itself: stock OptunaSearch tells Optuna the truncated score as a
+    finished trial, so TPE would treat epoch-2 accuracy like a final one."""
+    cfg = _cfg(HONEST)
+    stock = OptunaSearch(space=define_by_run(cfg), metric="val_acc", mode="max",
+                         sampler=optuna.samplers.RandomSampler(seed=0), study_name="stock")
+    stock.suggest("stopped")
+    stock.on_trial_result("stopped", _result(0.3, 1, 5))
+    stock.on_trial_result("stopped", _result(0.4, 2, 5))
+    stock.on_trial_complete("stopped", _result(0.4, 2, 5))
+    assert _state(stock, "stopped").state == TrialState.COMPLETE
+
+
+# --------------------------------------------------------- 5. starting points
+
+
+def _shipped_point_files() -> list[Any]:
+    params = []
+    for path in sorted(SPACES.glob("*.yaml")):
+        params.append(pytest.param(path, id=path.name))
+    return params
+
+
+@pytest.mark.parametrize("path", _shipped_point_files())
+def test_points_to_evaluate_come_first_with_their_values(path: Path) -> None:
+    """Every starting point of a shipped file is suggested first, in order, with each
+    value the point gives (namespaced by its architecture), and builds."""
+    cfg = load_sweep(path)
+    points = cfg.search.points_to_evaluate
+    assert points, f"{path.name} has no starting points"
+    limiter, _, _ = _searcher(cfg)
+    configs = _run(limiter, len(points), _score)
+    for point, config in zip(points, configs, strict=True):
+        arch = point.get("arch", cfg.arch_names()[0])
+        assert config["arch"] == arch
+        for name, value in point.items():
+            if name != "arch":
+                assert config[f"{arch}.{name}"] == value, (name, config)
+        _build(config)
+
+
+def test_smoke_first_suggestion_is_its_starting_point() -> None:
+    """smoke.yaml's WRN-16-2, dropout 0.3, lr 0.1 is the first trial, with namespaced keys."""
+    limiter, _, _ = _searcher(load_sweep(SPACES / "smoke.yaml"))
+    first = limiter.suggest("first")
+    assert first["arch"] == "wrn"
+    assert {k: first[k] for k in ("wrn.depth", "wrn.width", "wrn.dropout", "wrn.lr")} == {
+        "wrn.depth": 16, "wrn.width": 2, "wrn.dropout": 0.3, "wrn.lr": 0.1}
+
+
+def test_single_architecture_point_needs_no_arch() -> None:
+    """With one architecture, a point without ``arch`` is enqueued and honoured."""
+    cfg = _cfg("""\
+name: single
+architectures:
+  wrn: {depth: {choices: [10, 16, 22]}, width: {low: 1, high: 4}}
+recipe: {epochs: 3, lr: {low: 0.02, high: 0.2, log: true}}
+search:
+  num_samples: 4
+  points_to_evaluate:
+    - {depth: 22, width: 3, lr: 0.05}
+""")
+    limiter, _, _ = _searcher(cfg)
+    first = limiter.suggest("first")
+    assert first["arch"] == "wrn"
+    assert (first["wrn.depth"], first["wrn.width"], first["wrn.lr"]) == (22, 3, 0.05)
+
+
+# ------------------------------------------------------------------ 6. milestones
+
+SEARCHED = MilestoneSpace(count=3, low=0.2, high=0.9, min_gap=0.05)
+
+
+def _assert_milestones(ms: list[float], spec: MilestoneSpace) -> None:
+    assert len(ms) == spec.count
+    assert all(spec.low <= m <= spec.high for m in ms), ms
+    # 1e-9: float noise of a subtraction, far below any gap that matters.
+    assert all(b - a >= spec.min_gap - 1e-9 for a, b in itertools.pairwise(ms)), ms
+    assert all(b > a for a, b in itertools.pairwise(ms)), ms
+
+
+def _unit_vectors(count: int) -> list[list[float]]:
+    rng = random.Random(0)
+    corners = [list(c) for c in itertools.product([0.0, 1.0], repeat=count)]
+    return corners + [[0.5] * count] + [[rng.random() for _ in range(count)]
+                                        for _ in range(2000)]
+
+
+@pytest.mark.parametrize("spec", [
+    SEARCHED,
+    MilestoneSpace(count=1, low=0.1, high=0.9, min_gap=0.05),
+    MilestoneSpace(count=5, low=0.1, high=0.5, min_gap=0.1),  # no freedom left
+    MilestoneSpace(count=3, low=0.2, high=0.3, min_gap=0.05),  # free < 0 by float noise
+], ids=["3-in-0.2-0.9", "1", "5-tight", "3-tight"])
+def test_milestones_from_unit_are_increasing_in_range_and_apart(spec: MilestoneSpace) -> None:
+    """Any u in [0, 1]^count, extremes included, maps to valid milestones."""
+    for u in _unit_vectors(spec.count):
+        ms = milestones_from_unit(u, spec)
+        _assert_milestones(ms, spec)
+        TrainConfig(arch="wrn", depth=16, milestones=tuple(ms))
+
+
+@pytest.mark.parametrize("searched", [
+    "{count: 3, low: 0.2, high: 0.9, min_gap: 0.00003}",
+    "{count: 2, low: 0.00004, high: 0.5, min_gap: 0.05}",
+], ids=["tiny-gap", "tiny-low"])
+def test_milestones_survive_tiny_gaps_and_bounds(searched: str) -> None:
+    """Specs the validator accepts (0 < low, min_gap > 0) still give valid milestones."""
+    cfg = _cfg(f"name: t\narchitectures: {{wrn: {{depth: 10}}}}\n"
+               f"recipe: {{milestones: {searched}}}\n")
+    spec = cfg.params_for("wrn")["milestones"]
+    assert isinstance(spec, MilestoneSpace)
+    for u in ([0.0] * spec.count, [1.0] * spec.count):
+        ms = milestones_from_unit(u, spec)
+        _assert_milestones(ms, spec)
+        TrainConfig(arch="wrn", depth=16, milestones=tuple(ms))
+
+
+def test_searched_milestones_reach_the_trial() -> None:
+    """Through the searcher, ``wrn.milestones`` is a valid list that TrainConfig takes."""
+    cfg = _cfg("""\
+name: ms
+architectures:
+  wrn: {depth: 10, width: 1}
+recipe:
+  epochs: 20
+  milestones: {count: 3, low: 0.2, high: 0.9, min_gap: 0.05}
+search: {num_samples: 30, seed: 1}
+""")
+    limiter, _, _ = _searcher(cfg)
+    configs = _run(limiter, 30, lambda c: 1.0 - abs(c["wrn.milestones"][0] - 0.3))
+    for config in configs:
+        _assert_milestones(config["wrn.milestones"], SEARCHED)
+        assert _build(config).milestones == tuple(config["wrn.milestones"])
+
+
+# ------------------------------------------------------------------------ 7. grid
+
+
+def test_grid_runs_each_point_exactly_once() -> None:
+    """``algorithm: grid`` returns the grid size as num_samples (not the file's) and
+    suggests every combination once, even with trials running concurrently."""
+    cfg = _cfg("""\
+name: grid
+architectures:
+  wrn: {depth: {choices: [10, 16]}, width: {choices: [1, 2, 4]}, dropout: 0.3}
+  resnet: {depth: {choices: [8, 14]}, shortcut: {choices: [A, B]}}
+recipe: {epochs: 3, lr: {choices: [0.05, 0.1]}}
+search: {algorithm: grid, num_samples: 3, max_concurrent: 3}
+""")
+    limiter, _, num_samples = _searcher(cfg)
+    expected = {("wrn", d, w, lr) for d in (10, 16) for w in (1, 2, 4) for lr in (0.05, 0.1)}
+    expected |= {("resnet", d, s, lr) for d in (8, 14) for s in "AB" for lr in (0.05, 0.1)}
+    assert num_samples == len(expected) == 20
+
+    seen, running = [], []
+    for i in range(num_samples):
+        while len(running) == 3:  # Tune's loop: the limiter refuses a fourth trial
+            assert limiter.suggest("refused") is None
+            done = running.pop(0)
+            limiter.on_trial_complete(done, _result(0.5, 3, 3))
+        config = limiter.suggest(f"g{i}")
+        arch = config["arch"]
+        other = config["wrn.width"] if arch == "wrn" else config["resnet.shortcut"]
+        seen.append((arch, config[f"{arch}.depth"], other, config[f"{arch}.lr"]))
+        _build(config)
+        running.append(f"g{i}")
+    assert sorted(seen, key=str) == sorted(expected, key=str)
+
+
+# -------------------------------------------------------------------- 8. TPE
+
+
+@pytest.mark.parametrize(("num_samples", "expected"), [(1, 2), (6, 2), (12, 3), (32, 8),
+                                                       (40, 10), (400, 10)])
+def test_n_startup_trials_default(num_samples: int, expected: int) -> None:
+    """A quarter of the budget, between 2 and 10; the sampler gets that number."""
+    cfg = _cfg(TWO_ARCH.replace("num_samples: 30", f"num_samples: {num_samples}"))
+    assert n_startup_trials(cfg) == expected == max(2, min(10, num_samples // 4))
+    assert _searcher(cfg)[1]._ot_study.sampler._n_startup_trials == expected
+
+
+def test_tpe_sampler_settings_and_explicit_startup() -> None:
+    """search.n_startup_trials wins; TPE is multivariate with constant liar, seeded."""
+    cfg = _cfg(TWO_ARCH.replace("seed: 3}", "seed: 3, n_startup_trials: 0}"))
+    _, searcher, num_samples = _searcher(cfg)
+    sampler = searcher._ot_study.sampler
+    assert isinstance(sampler, optuna.samplers.TPESampler)
+    assert sampler._n_startup_trials == 0
+    assert sampler._multivariate and sampler._constant_liar
+    assert searcher._ot_study.direction == optuna.study.StudyDirection.MAXIMIZE
+    assert num_samples == 30
+
+    random_cfg = _cfg(TWO_ARCH.replace("seed: 3}", "seed: 3, algorithm: random}"))
+    assert isinstance(_searcher(random_cfg)[1]._ot_study.sampler, optuna.samplers.RandomSampler)
+
+
+def test_loss_metric_minimises() -> None:
+    """metric val_loss gives a minimising study (mode derived from the metric)."""
+    cfg = _cfg(TWO_ARCH.replace("seed: 3}", "seed: 3, metric: val_loss}"))
+    study = _searcher(cfg)[1]._ot_study
+    assert study.direction == optuna.study.StudyDirection.MINIMIZE
+
+
+# --------------------------------------------------------------- 9. scheduler
+
+
+def _sched_cfg(name: str, grace: int = 2, rf: float = 3, epochs: int = 10,
+               resnet_epochs: int = 30) -> SweepConfig:
+    return _cfg(f"""\
+name: sched
+architectures:
+  wrn: {{depth: 10}}
+  resnet: {{depth: 8, recipe: {{epochs: {resnet_epochs}}}}}
+recipe: {{epochs: {epochs}}}
+scheduler: {{name: {name}, grace_period: {grace}, reduction_factor: {rf}}}
+""")
+
+
+def test_asha_max_t_is_the_longest_architecture() -> None:
+    """ASHA on training_iteration, max_t the largest per-arch epochs (override included)."""
+    sched = create_scheduler(_sched_cfg("asha"))
+    assert isinstance(sched, ASHAScheduler)
+    assert sched._max_t == 30
+    assert sched._time_attr == "training_iteration"
+    assert sched._reduction_factor == 3
+    assert create_scheduler(_sched_cfg("asha", epochs=50))._max_t == 50
+
+
+def test_hyperband_and_fifo() -> None:
+    """hyperband -> HyperBandScheduler on epochs, fifo -> FIFOScheduler (no rungs)."""
+    hb = create_scheduler(_sched_cfg("hyperband"))
+    assert isinstance(hb, HyperBandScheduler)
+    assert hb._max_t_attr == 30
+    assert hb._time_attr == "training_iteration"
+    assert isinstance(create_scheduler(_sched_cfg("fifo")), FIFOScheduler)
+    assert asha_rungs(_sched_cfg("fifo")) == []
+
+
+def test_asha_rungs_of_shipped_files() -> None:
+    """The rungs ``launch --dry-run`` prints for the shipped sweeps."""
+    assert asha_rungs(load_sweep(SPACES / "smoke.yaml")) == [1, 2]
+    assert asha_rungs(load_sweep(SPACES / "wrn.yaml")) == [20, 60, 180]
+    assert asha_rungs(load_sweep(SPACES / "resnet.yaml")) == [16, 48, 144]
+
+
+@pytest.mark.parametrize(("grace", "rf", "epochs"), [
+    (1, 2, 4), (2, 3, 30), (20, 3, 200), (1, 4, 100), (5, 2, 81),
+    (1, 1.5, 8),
+])
+def test_asha_rungs_match_the_scheduler(grace: int, rf: float, epochs: int) -> None:
+    """asha_rungs lists the epochs at which the real ASHA bracket compares trials
+    (a rung at milestone m acts on the first result with epoch >= m; max_t excluded)."""
+    cfg = _sched_cfg("asha", grace=grace, rf=rf, epochs=epochs, resnet_epochs=epochs)
+    sched = create_scheduler(cfg)
+    real = sorted(math.ceil(m) for m, _ in sched._brackets[0]._rungs if m < epochs)
+    assert asha_rungs(cfg) == real
+
+
+# ---------------------------------------------------------------- 10. resources
+
+
+def test_resources_per_architecture_and_auto() -> None:
+    """Each architecture gets its own request (fractional GPU kept, ``default`` for the
+    rest); ``auto`` asks for a GPU only where the cluster has one; Tune reads the dicts."""
+    cfg = _cfg("""\
+name: res
+architectures:
+  wrn: {depth: 10}
+  resnet: {depth: 8}
+  diracnet: {depth: 16}
+  preact_resnet: {depth: 11}
+resources:
+  default: {cpu: 2, gpu: 0.5}
+  wrn: {cpu: 8, gpu: 1}
+  resnet: {cpu: 2, gpu: 0.25}
+  diracnet: auto
+""")
+    with_gpu = resources_fn(cfg, cluster_has_gpu=True)
+    without = resources_fn(cfg, cluster_has_gpu=False)
+    assert with_gpu({"arch": "wrn"}) == {"cpu": 8.0, "gpu": 1.0}
+    assert with_gpu({"arch": "resnet"}) == {"cpu": 2.0, "gpu": 0.25}
+    assert with_gpu({"arch": "preact_resnet"}) == {"cpu": 2.0, "gpu": 0.5}
+    assert with_gpu({"arch": "diracnet"}) == {"cpu": 1.0, "gpu": 1.0}
+    assert without({"arch": "diracnet"}) == {"cpu": 1.0, "gpu": 0.0}
+    assert without({"arch": "resnet"}) == {"cpu": 2.0, "gpu": 0.25}
+    assert resource_dict_to_pg_factory(with_gpu({"arch": "resnet"})).bundles == [
+        {"CPU": 2.0, "GPU": 0.25}]
+    # The returned dict is a copy: Tune may not alter the table through it.
+    with_gpu({"arch": "wrn"})["gpu"] = 0
+    assert with_gpu({"arch": "wrn"})["gpu"] == 1.0
+
+
+def test_resources_default_without_section() -> None:
+    """No ``resources:`` section: one CPU, no GPU, for every architecture."""
+    cfg = _cfg(TWO_ARCH)
+    fn = resources_fn(cfg, cluster_has_gpu=True)
+    assert all(fn({"arch": a}) == {"cpu": 1.0, "gpu": 0.0} for a in cfg.arch_names())
+    assert set(cfg.arch_names()) <= set(ARCHS)
