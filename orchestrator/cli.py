@@ -174,6 +174,9 @@ def _load_sweep_or_exit(path: str) -> Any:
 
 def _run_sweep(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Map the sweep's errors onto exit codes: 2 for input, 1 for failures at run time."""
+    from orchestrator.jobs import use_token_if_present
+
+    use_token_if_present()  # before Ray is imported: joining a Ray 2.60 cluster needs it
     from orchestrator.config import ConfigError
     from orchestrator.sweep import SweepError, SweepInputError
 

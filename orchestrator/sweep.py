@@ -198,11 +198,13 @@ def _start_ray(address: str | None) -> None:
     if os.environ.get("RAY_ADDRESS", "").startswith(("http://", "https://")):
         # A Jobs API address (for `wrnsweep submit`/`jobs`), not one Ray can join.
         os.environ.pop("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
+    try:
         # Trial output stays in the trial folders; the driver prints progress lines.
-        ray.init(log_to_driver=False)
+        ray.init(address=address or None, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ray.exceptions.AuthenticationError) as err:
+        where = f"the Ray cluster at {address}" if address else "a local Ray"
+        raise SweepError(f"could not start or join {where}: "
+                         f"{str(err).strip().splitlines()[-1]}") from None
 
 
 def _check_cluster(cfg: SweepConfig, plan: Plan) -> bool:
