@@ -208,26 +208,59 @@ def _start_ray(address: str | None) -> None:
 
 
 def _check_cluster(cfg: SweepConfig, plan: Plan) -> bool:
-    """Refuse requests no node can satisfy; True when the cluster has GPUs."""
+    """Refuse what cannot work on this cluster; True when the cluster has GPUs."""
     import ray
 
     from orchestrator.config import ConfigError, check_cluster_fits
 
-    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    nodes = [n.get("Resources", {}) for n in alive]
     issues = check_cluster_fits(cfg, nodes)
     if issues and not plan.address:
         raise ConfigError(issues)  # the local Ray will never grow
     if issues:
         # A joined cluster may autoscale: nodes that satisfy the request can still come.
         plan.extra["fit_warning"] = "; ".join(str(i) for i in issues)
-    multi_node = len(nodes) > 1
-    if multi_node and not is_uri(plan.storage_path) and not os.environ.get(
-            "WRNSWEEP_SHARED_STORAGE"):
-        # Checkpoints are written by the workers straight to storage_path.
-        plan.extra["storage_warning"] = (
-            f"{len(nodes)} nodes share storage_path {plan.storage_path}: it must be on a "
-            "filesystem every node mounts (NFS), or use s3:// / gs://")
+    if len(alive) > 1 and not is_uri(plan.storage_path):
+        blind = nodes_without_storage(plan.storage_path, [n["NodeID"] for n in alive])
+        if blind:
+            raise SweepInputError(
+                f"storage_path {plan.storage_path} is not shared: {len(blind)} of "
+                f"{len(alive)} nodes cannot see it (Ray workers write checkpoints there "
+                "directly). Use a folder every node mounts (NFS) or s3:// / gs://.")
+    if len(alive) > 1 and plan.tracking_uri.startswith("sqlite:"):
+        plan.extra["tracking_note"] = (
+            "MLflow uses a SQLite file on this driver; that is fine on a cluster because "
+            "only the driver writes to MLflow")
     return any(n.get("GPU", 0) > 0 for n in nodes)
+
+
+def nodes_without_storage(storage_path: str, node_ids: list[str]) -> list[str]:
+    """Ids of the nodes that do not see a marker file written here into ``storage_path``.
+
+    A zero-CPU task pinned to each node looks for the file: the only way to know
+    whether a local path is one filesystem for the whole cluster.
+    """
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    Path(storage_path).mkdir(parents=True, exist_ok=True)
+    marker = Path(storage_path) / f".wrnsweep-shared-{uuid.uuid4().hex}"
+    marker.write_text("shared storage probe\n")
+    try:
+        probe = ray.remote(num_cpus=0)(os.path.exists)
+        futures = {
+            node: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+                node_id=node, soft=False)).remote(str(marker))
+            for node in node_ids
+        }
+        return [node for node, seen in zip(futures, ray.get(list(futures.values()),
+                                                           timeout=120), strict=True)
+                if not seen]
+    finally:
+        marker.unlink(missing_ok=True)
 
 
 def _load_splits(cfg: SweepConfig) -> Any:
@@ -318,9 +351,9 @@ def launch(cfg: SweepConfig, plan: Plan, *, echo: Echo = print) -> dict[str, Any
     plan.num_samples = num_samples
     _start_ray(plan.address)
     has_gpu = _check_cluster(cfg, plan)
-    for key in ("storage_warning", "fit_warning"):
+    for key in ("fit_warning", "tracking_note"):
         if key in plan.extra:
-            echo(f"warning: {plan.extra[key]}")
+            echo(("note: " if key == "tracking_note" else "warning: ") + plan.extra[key])
     Path(plan.home).mkdir(parents=True, exist_ok=True)
     (Path(plan.home) / SWEEP_FILE).write_text(cfg.source_text)
     _start_tracking(cfg, plan)

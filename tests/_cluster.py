@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -67,6 +70,7 @@ class LocalCluster:
         self.port = free_port()
         self.dashboard_port = free_port()
         self.worker_ports: list[int] = []
+        self.temp_dirs: list[str] = []
 
     @property
     def address(self) -> str:
@@ -87,12 +91,31 @@ class LocalCluster:
                   f"--dashboard-port={self.dashboard_port}", "--disable-usage-stats")
         return self
 
-    def add_worker(self, num_cpus: int) -> int:
-        """Start a worker node; its node-manager port identifies it."""
+    def add_worker(self, num_cpus: int, *, hide: Path | None = None) -> int:
+        """Start a worker node; its node-manager port identifies it.
+
+        ``hide``: the node runs in its own mount namespace with an empty tmpfs
+        over that folder, like a machine that does not mount the shared disk.
+        """
         port = free_port()
-        self._ray("start", f"--address={self.address}", "--node-ip-address=127.0.0.1",
-                  f"--num-cpus={num_cpus}", "--num-gpus=0", f"--node-manager-port={port}",
-                  "--disable-usage-stats")
+        # A temp dir of its own, as on a separate machine: two nodes sharing one would
+        # unpack job working_dirs into the same folder, deleting each other's cwd.
+        # Short, under /tmp: Ray's unix socket paths must stay below 108 characters.
+        temp_dir = tempfile.mkdtemp(prefix="rayw", dir="/tmp")
+        self.temp_dirs.append(temp_dir)
+        args = ["start", f"--address={self.address}", "--node-ip-address=127.0.0.1",
+                f"--num-cpus={num_cpus}", "--num-gpus=0", f"--node-manager-port={port}",
+                f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+        if hide is None:
+            self._ray(*args)
+        else:
+            hide.mkdir(parents=True, exist_ok=True)
+            script = (f"mount -t tmpfs tmpfs {shlex.quote(str(hide))} && "
+                      f"exec {shlex.join([str(BIN / 'ray'), *args])}")
+            result = subprocess.run(["unshare", "--mount", "--propagation", "private",
+                                     "sh", "-c", script], capture_output=True, text=True,
+                                    env=self.env, cwd=self.workdir, timeout=180)
+            assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
         self.worker_ports.append(port)
         return port
 
@@ -106,6 +129,8 @@ class LocalCluster:
     def stop(self) -> None:
         subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True,
                        env=self.env, timeout=120)
+        for folder in self.temp_dirs:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def trial_progress(runs_file: Path) -> dict[str, int]:
@@ -115,3 +140,12 @@ def trial_progress(runs_file: Path) -> dict[str, int]:
     except (OSError, ValueError):
         return {}
     return {trial: entry.get("last_epoch", 0) for trial, entry in runs.items()}
+
+
+def can_unshare_mounts() -> bool:
+    """Private mount namespaces need root (or user namespaces) and unshare(1)."""
+    try:
+        return subprocess.run(["unshare", "--mount", "true"], capture_output=True,
+                              timeout=30).returncode == 0
+    except OSError:
+        return False

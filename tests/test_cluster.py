@@ -17,7 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from tests._cluster import LocalCluster, env, pids_with, trial_progress, wait_for
+from tests._cluster import (
+    LocalCluster,
+    can_unshare_mounts,
+    env,
+    pids_with,
+    trial_progress,
+    wait_for,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = REPO / "tests" / "sweeps"
@@ -187,3 +194,18 @@ def test_job_driver_killed_with_sigkill_then_resumed(tmp_path: Path, cluster) ->
     resumed = wrnsweep("resume", str(home), "--address", head.address, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert_complete(home, num_trials=3, epochs=6)
+
+
+@pytest.mark.skipif(not can_unshare_mounts(), reason="needs private mount namespaces "
+                    "(unshare --mount, root) to give one node a filesystem of its own")
+def test_storage_that_a_node_cannot_see_is_refused_before_launch(tmp_path: Path,
+                                                                  cluster) -> None:
+    head = cluster().start_head(num_cpus=1)
+    storage = tmp_path / "runs"
+    head.add_worker(num_cpus=1, hide=storage)  # this node sees an empty tmpfs there
+    result = wrnsweep("launch", str(SWEEPS / "faults.yaml"), "--address", head.address,
+                      "--storage", str(storage), cwd=tmp_path)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert f"storage_path {storage} is not shared: 1 of 2 nodes cannot see it" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (storage / "faults").exists()  # nothing started
