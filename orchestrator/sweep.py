@@ -198,9 +198,12 @@ def _start_ray(address: str | None) -> None:
     if os.environ.get("RAY_ADDRESS", "").startswith(("http://", "https://")):
         # A Jobs API address (for `wrnsweep submit`/`jobs`), not one Ray can join.
         os.environ.pop("RAY_ADDRESS")
+    # No address: a Ray of our own ("local"), even when `ray start` runs on this
+    # machine (plain ray.init() would join that); RAY_ADDRESS or --address to join.
+    target = address or os.environ.get("RAY_ADDRESS") or "local"
     try:
         # Trial output stays in the trial folders; the driver prints progress lines.
-        ray.init(address=address or None, log_to_driver=False)
+        ray.init(address=target, log_to_driver=False)
     except (ConnectionError, RuntimeError, ray.exceptions.AuthenticationError) as err:
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         raise SweepError(f"could not start or join {where}: "

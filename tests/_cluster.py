@@ -46,15 +46,22 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.5)
 
 
-def pids_with(*needles: str) -> list[int]:
-    """Processes whose command line contains every needle (read from /proc)."""
+def pids_with(*needles: str, python_only: bool = False) -> list[int]:
+    """Processes whose command line contains every needle (read from /proc).
+
+    ``python_only`` skips wrappers such as the ``/bin/sh -c`` that runs a job's
+    entrypoint: only processes whose program is a Python interpreter count.
+    """
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
+            continue
+        cmdline = b" ".join(argv).decode(errors="replace")
+        if python_only and not Path(argv[0].decode(errors="replace")).name.startswith("python"):
             continue
         if all(n in cmdline for n in needles):
             found.append(int(entry.name))

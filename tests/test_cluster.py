@@ -186,10 +186,11 @@ def test_job_driver_killed_with_sigkill_then_resumed(tmp_path: Path, cluster) ->
     assert submitted.returncode == 0, submitted.stderr
     wait_for(lambda: sum(e >= 1 for e in trial_progress(home / "mlflow-runs.json").values())
              >= 2, 300, "two trials with a logged epoch")
-    drivers = pids_with("orchestrator.cli", "launch")
+    drivers = pids_with("orchestrator.cli", "launch", python_only=True)
     assert len(drivers) == 1, drivers
     os.kill(drivers[0], signal.SIGKILL)
-    wait_for(lambda: not pids_with("orchestrator.cli", "launch"), 60, "the driver to die")
+    wait_for(lambda: not pids_with("orchestrator.cli", "launch", python_only=True), 60,
+             "the driver to die")
 
     resumed = wrnsweep("resume", str(home), "--address", head.address, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]

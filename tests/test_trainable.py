@@ -21,7 +21,7 @@ def test_two_epoch_trial_reports_every_epoch_with_a_checkpoint(tmp_path) -> None
     from trainables.engine import load_checkpoint
     from trainables.trainable import train_trial
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         splits = load_splits("synthetic", synthetic_size=256)
         trainable = tune.with_resources(tune.with_parameters(train_trial, splits=splits),
