@@ -407,5 +407,33 @@ def jobs_stop(job_id: str, address: str) -> None:
     click.echo(f"job {job_id}: {'stop requested' if stopped else 'was not running'}")
 
 
+@main.command(name="export")
+@click.argument("model_uri")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="File to write (.pt for torchscript, .onnx, .safetensors).")
+@click.option("--format", "fmt", type=click.Choice(["torchscript", "onnx", "state_dict"]),
+              default="torchscript", show_default=True,
+              help="torchscript/onnx: BN and Dirac terms folded for inference; state_dict: "
+                   "the registry's unfolded weights.")
+@tracking_option
+def export_command(model_uri: str, out: str, fmt: str, tracking_uri: str | None) -> None:
+    """Export MODEL_URI (models:/NAME@champion, models:/NAME/V, runs:/..., or a folder)."""
+    from orchestrator.export import export_model
+
+    try:
+        result = export_model(model_uri, out, fmt=fmt, tracking_uri=tracking_uri)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        raise InvalidInput(str(err)) from None
+    except RuntimeError as err:
+        raise click.ClickException(str(err)) from None
+    except Exception as err:  # MlflowException: unknown model, alias or run
+        if type(err).__name__ == "MlflowException":
+            raise InvalidInput(str(err).splitlines()[0]) from None
+        raise
+    click.echo(f"wrote {result.path} ({result.format}): {result.folded_bn} BN folded into "
+               f"convs, {result.affine_bn} as affine; max abs difference vs the unfolded "
+               f"model {result.max_abs_diff:.3g}")
+
+
 if __name__ == "__main__":  # `python -m orchestrator.cli`, the entrypoint of submitted jobs
     main()

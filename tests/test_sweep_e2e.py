@@ -142,6 +142,20 @@ def test_best_prints_the_leaderboard_from_mlflow(finished_sweep) -> None:
         wrnsweep("best", str(home), "--json", cwd=home).stdout)
 
 
+def test_export_of_the_champion_folds_and_checks(finished_sweep) -> None:
+    home, _ = finished_sweep
+    _, meta = client_for(home)
+    out = home / "champion.onnx"
+    result = wrnsweep("export", "models:/e2e@champion", "--out", str(out), "--format", "onnx",
+                      "--tracking-uri", meta["tracking_uri"], cwd=home)
+    assert result.returncode == 0, result.stderr
+    assert "max abs difference vs the unfolded model" in result.stdout
+    assert out.stat().st_size > 0
+    missing = wrnsweep("export", "models:/e2e@nope", "--out", str(out),
+                       "--tracking-uri", meta["tracking_uri"], cwd=home)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+
+
 def test_launching_the_same_sweep_again_is_refused(finished_sweep) -> None:
     home, _ = finished_sweep
     again = wrnsweep("launch", str(TWO_ARCH), "--storage", str(home.parent), cwd=home)
