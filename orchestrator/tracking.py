@@ -175,12 +175,14 @@ class SweepTracker(tune.Callback):
         self._client: Any = None
         self._writer: BufferedWriter | None = None
         self._state: dict[str, dict[str, Any]] | None = None
+        self._queued: dict[str, int] = {}  # trial id -> last epoch queued by this driver
+        self._logged: dict[str, set[int]] = {}  # run id -> epochs MLflow has
 
     # Tune pickles callbacks into the experiment state (for Tuner.restore):
     # keep only the settings, rebuild client, buffer and map on first use.
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_client=None, _writer=None, _state=None)
+        state.update(_client=None, _writer=None, _state=None, _queued={}, _logged={})
         return state
 
     @property
@@ -203,7 +205,22 @@ class SweepTracker(tune.Callback):
             self._state = json.loads(path.read_text()) if path.exists() else {}
             for entry in self._state.values():
                 entry.pop("create_queued", None)  # a queue that died with the old driver
+            self._replay_pending()
         return self._state
+
+    def _replay_pending(self) -> None:
+        """Queue again the epochs an earlier driver received but could not write.
+
+        Tune may have checkpointed past them, so no trial will report them again.
+        """
+        assert self._state is not None
+        for entry in self._state.values():
+            if entry.get("run_id") is None:
+                continue
+            for epoch in sorted(entry.get("pending", {}), key=int):
+                values = entry["pending"][epoch]
+                self.writer.submit(lambda e=entry, v=values, n=int(epoch):
+                                   self._log_epoch(e, v, n))
 
     def _save(self) -> None:
         path = Path(self.state_file)
@@ -262,8 +279,11 @@ class SweepTracker(tune.Callback):
                         **info: Any) -> None:
         entry = self._ensure_run(trial)
         epoch = int(result.get(EPOCH_KEY, result.get("training_iteration", 0)))
-        if epoch <= entry["last_epoch"]:
-            return  # already logged before an interruption: never twice
+        # A trial retried or resumed from a checkpoint reports some epochs again:
+        # queue each epoch once per driver (MLflow itself is checked in _log_epoch).
+        if epoch <= max(entry["last_epoch"], self._queued.get(trial.trial_id, 0)):
+            return
+        self._queued[trial.trial_id] = epoch
         values = {k: result[k] for k in EPOCH_METRICS if k in result}
         if self.metric in result and self._better(result[self.metric], entry["best"]):
             entry["best"] = result[self.metric]
@@ -273,11 +293,31 @@ class SweepTracker(tune.Callback):
         for key in ("num_params", "test_acc"):
             if result.get(key) is not None:
                 values[key] = result[key]
-        entry["last_epoch"] = epoch
+        entry["seen_epoch"] = epoch  # what Tune reported: decides the final status
+        entry.setdefault("pending", {})[str(epoch)] = values  # until MLflow has it
         entry["total_epochs"] = result.get(TOTAL_EPOCHS_KEY)
         entry["diverged"] = bool(result.get("diverged"))
         self._save()
-        self.writer.submit(lambda: self._log_metrics(entry, values, epoch))
+        self.writer.submit(lambda: self._log_epoch(entry, values, epoch))
+
+    def _log_epoch(self, entry: dict[str, Any], values: dict[str, float], epoch: int) -> None:
+        """Write one epoch unless MLflow already has it; then record it in the map.
+
+        ``last_epoch`` in the map only moves after MLflow took the write, so a
+        driver killed with writes still queued logs them after ``resume``; and the
+        steps MLflow already holds (read once per run and driver) are never sent
+        twice, even if the driver died between a write and the map update.
+        """
+        run_id = entry["run_id"]
+        if run_id not in self._logged:
+            history = self.client.get_metric_history(run_id, "epoch")
+            self._logged[run_id] = {int(m.step) for m in history}
+        if epoch not in self._logged[run_id]:
+            self._log_metrics(entry, values, epoch)
+            self._logged[run_id].add(epoch)
+        entry["last_epoch"] = max(entry["last_epoch"], epoch)
+        entry.get("pending", {}).pop(str(epoch), None)
+        self._save()
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         """A failed attempt that Tune retries from the last checkpoint."""
@@ -327,9 +367,9 @@ def outcome(entry: dict[str, Any], *, errored: bool) -> tuple[str, dict[str, str
     """MLflow status and tags of a trial that ended, from what was logged of it."""
     if errored or entry.get("diverged"):
         return "FAILED", ({"wrnsweep.diverged": "true"} if entry.get("diverged") else {})
-    if entry["last_epoch"] < (entry.get("total_epochs") or 0):
-        return "KILLED", {"wrnsweep.pruned": "true",
-                          "wrnsweep.stopped_at_epoch": str(entry["last_epoch"])}
+    seen = max(entry.get("seen_epoch", 0), entry["last_epoch"])
+    if seen < (entry.get("total_epochs") or 0):
+        return "KILLED", {"wrnsweep.pruned": "true", "wrnsweep.stopped_at_epoch": str(seen)}
     return "FINISHED", {}
 
 
