@@ -16,14 +16,13 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from trainables.config import TrainConfig
 from trainables.data import Loader, Splits, load_splits
@@ -254,7 +253,7 @@ def train(
     if state is not None:
         trainer.load_state_dict(state)
     best = 0.0
-    for _ in _remaining(trainer):
+    while trainer.epoch < cfg.epochs:
         result = trainer.run_epoch()
         if result.diverged:
             return {"status": "diverged", "epochs": trainer.epoch, "num_params":
@@ -265,12 +264,3 @@ def train(
             on_epoch(trainer.epoch, result.metrics, trainer)
     return {"status": "finished", "epochs": trainer.epoch, "num_params": trainer.num_params,
             "best_val_acc": best, "test_acc": trainer.test_accuracy(), "trainer": trainer}
-
-
-def _remaining(trainer: Trainer) -> Iterable[int]:
-    return range(trainer.epoch, trainer.cfg.epochs)
-
-
-def module_for_inference(model: nn.Module) -> nn.Module:
-    """A CPU fp32 copy in eval mode (for export and registry loading)."""
-    return model.to("cpu", dtype=torch.float32).eval()
