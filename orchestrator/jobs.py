@@ -108,14 +108,33 @@ def submit(sweep_file: str, *, address: str, storage: str | None = None,
         runtime_env: dict[str, Any] = {"working_dir": str(stage)}
         if pip:
             runtime_env["pip"] = list(pip)
-        job_id = jobs.submit_job(
+        request = dict(
             entrypoint=entrypoint(sweep, storage=storage, tracking_uri=tracking_uri,
                                   num_samples=num_samples, name=name),
             runtime_env=runtime_env,
             submission_id=f"wrnsweep-{sweep_name}-{time.strftime('%Y%m%d-%H%M%S')}",
             metadata={"wrnsweep.sweep": sweep_name},
         )
+        job_id = _submit_with_retry(jobs, request)
     return jobs, job_id
+
+
+def _submit_with_retry(jobs: Any, request: dict[str, Any], deadline: float = 120.0) -> str:
+    """Submit, waiting out a head whose job agent is still starting.
+
+    A freshly started head answers "No available agent to submit job, please try
+    again later" (HTTP 500) for its first seconds; that and nothing else is retried.
+    """
+    end = time.monotonic() + deadline
+    delay = 1.0
+    while True:
+        try:
+            return jobs.submit_job(**request)
+        except RuntimeError as err:
+            if "try again later" not in str(err) or time.monotonic() + delay > end:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 10.0)
 
 
 def follow(jobs: Any, job_id: str, echo: Echo) -> str:
