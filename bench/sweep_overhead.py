@@ -102,6 +102,7 @@ def epoch_seconds_one_core(synthetic_size: int) -> tuple[float, list[float]]:
 
     cfg = TrainConfig.from_dict({
         "arch": ARCH, "depth": DEPTH, "dataset": "synthetic", "synthetic_size": synthetic_size,
+        # Epochs only sets the lr schedule here (1 warm-up + 3 timed run_epoch calls).
         "epochs": EPOCHS + 4, "num_threads": 1, "device": "cpu",
     })
     trainer = Trainer(cfg)
@@ -450,13 +451,25 @@ def arm_seconds(result: ArmResult, basis: str) -> float:
     return result.fit_seconds
 
 
+def others_share(result: ArmResult) -> float | None:
+    """Fraction of the cores other processes used while the arm ran."""
+    if result.cpu_others is None:
+        return None
+    return result.cpu_others / (SLOTS * result.wall_seconds)
+
+
+def is_disturbed(result: ArmResult) -> bool:
+    share = others_share(result)
+    return share is not None and share > BUSY_SHARE
+
+
 def cpu_text(result: ArmResult) -> str:
-    if result.cpu_arm is None or result.cpu_others is None:
+    share = others_share(result)
+    if result.cpu_arm is None or result.cpu_others is None or share is None:
         return "CPU use not measured"
-    share = result.cpu_others / (SLOTS * result.wall_seconds)
     text = (f"CPU seconds: arm {result.cpu_arm:.1f}, other processes {result.cpu_others:.1f} "
             f"({share:.0%} of the {SLOTS} cores)")
-    if share > BUSY_SHARE:
+    if is_disturbed(result):
         text += " -- disturbed: other processes took CPU from the trials"
     return text
 
@@ -504,10 +517,7 @@ def main(argv: list[str] | None = None) -> None:
 
     for line in machine_lines():
         print(line)
-    load_before = load_average()
-    print(f"load average before: {load_before}")
-    if load_before != "n/a" and float(load_before.split()[0]) > 0.5:
-        print("warning: the machine is busy; other processes take CPU from the trials")
+    print(f"load average before: {load_average()}")
 
     epoch_s, samples = epoch_seconds_one_core(args.synthetic_size)
     ideal = TRIALS * EPOCHS * epoch_s / SLOTS
@@ -568,6 +578,10 @@ def main(argv: list[str] | None = None) -> None:
     if len(results) == 2:
         ours = ideal / arm_seconds(results["wrnsweep"], args.basis)
         plain = ideal / arm_seconds(results["plain"], args.basis)
+        disturbed = [r.name for r in results.values() if is_disturbed(r)]
+        if disturbed:
+            print(f"note: other processes took CPU during {', '.join(disturbed)}: "
+                  "not comparable, run again on an idle machine")
         print(f"final line basis: {args.basis}")
         print(f"wrnsweep_fraction={ours:.3f} plain_fraction={plain:.3f} ratio={ours / plain:.2f}")
 
