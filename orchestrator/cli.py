@@ -243,6 +243,21 @@ def resume(sweep_dir: str, address: str | None) -> None:
     _run_sweep(run_resume, sweep_dir, echo=click.echo, address=address)
 
 
+@main.command()
+@click.argument("sweep_dir", type=click.Path(file_okay=False))
+@click.option("--num-samples", type=int, required=True, help="Trials to add.")
+@address_option
+def extend(sweep_dir: str, num_samples: int, address: str | None) -> None:
+    """Add trials to a finished sweep: same Optuna study, same MLflow parent run."""
+    from orchestrator.sweep import extend as run_extend
+
+    if num_samples < 1:
+        raise InvalidInput(f"--num-samples must be >= 1, got {num_samples}")
+    if not Path(sweep_dir).is_dir():
+        raise InvalidInput(f"{sweep_dir}: no such sweep folder")
+    _run_sweep(run_extend, sweep_dir, num_samples, echo=click.echo, address=address)
+
+
 def _plan_for(target: str, tracking_uri: str | None) -> Any:
     """A sweep folder, or a sweep name looked up in MLflow at ``tracking_uri``."""
     from orchestrator.sweep import Plan

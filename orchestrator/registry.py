@@ -70,6 +70,9 @@ def register(client: Any, name: str, candidates: list[Candidate], *,
              metric: str) -> list[Any]:
     """Register ``candidates`` (best first) as versions of ``name``; alias the first.
 
+    A run registered before (an extended sweep registers again after each round)
+    keeps its version, re-ranked, rather than getting a duplicate.
+
     Returns the created ModelVersion objects in the same order.
     """
     from mlflow.exceptions import MlflowException
@@ -81,6 +84,11 @@ def register(client: Any, name: str, candidates: list[Candidate], *,
             raise
     versions = []
     for rank, cand in enumerate(candidates, start=1):
+        existing = client.search_model_versions(f"name='{name}' and run_id='{cand.run_id}'")
+        if existing:  # registered by an earlier round of an extended sweep: rank it again
+            client.set_model_version_tag(name, existing[0].version, "rank", str(rank))
+            versions.append(existing[0])
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             write_model_folder(cand.state, Path(tmp) / MODEL_DIR)
             client.log_artifacts(cand.run_id, str(Path(tmp) / MODEL_DIR), MODEL_DIR)

@@ -277,13 +277,14 @@ def _load_splits(cfg: SweepConfig) -> Any:
         raise SweepInputError(str(err)) from None
 
 
-def _trainable(cfg: SweepConfig, splits: Any, has_gpu: bool) -> Any:
+def _trainable(cfg: SweepConfig, splits: Any, has_gpu: bool,
+               fn: Callable[..., None] | None = None) -> Any:
     from ray import tune
 
     from trainables.trainable import train_trial
 
     # The dataset goes into the object store once, not into every trial's config.
-    with_data = tune.with_parameters(train_trial, splits=splits)
+    with_data = tune.with_parameters(fn or train_trial, splits=splits)
     return tune.with_resources(with_data, resources=resources_fn(cfg, cluster_has_gpu=has_gpu))
 
 
@@ -323,26 +324,31 @@ def _start_tracking(cfg: SweepConfig, plan: Plan) -> None:
     client.log_param(plan.parent_run_id, "metric", f"{plan.metric} ({plan.mode})")
 
 
-def _callbacks(cfg: SweepConfig, plan: Plan, echo: Echo) -> list:
+def _callbacks(cfg: SweepConfig, plan: Plan, echo: Echo, runs_file: str = RUNS_FILE,
+               num_samples: int | None = None) -> list:
     from orchestrator.progress import ConsoleProgress
     from orchestrator.tracking import SweepTracker
 
     assert plan.experiment_id and plan.parent_run_id
     tracker = SweepTracker(
         tracking_uri=plan.tracking_uri, experiment_id=plan.experiment_id,
-        parent_run_id=plan.parent_run_id, state_file=str(Path(plan.home) / RUNS_FILE),
+        parent_run_id=plan.parent_run_id, state_file=str(Path(plan.home) / runs_file),
         metric=plan.metric, mode=plan.mode, sweep_name=plan.name,
     )
     progress = ConsoleProgress(metric=plan.metric, mode=plan.mode,
-                               num_samples=plan.num_samples, echo=echo)
+                               num_samples=num_samples or plan.num_samples, echo=echo)
     return [tracker, progress]
 
 
-def launch(cfg: SweepConfig, plan: Plan, *, echo: Echo = print) -> dict[str, Any]:
-    """Run the sweep described by ``cfg`` and ``plan`` to the end; the summary."""
-    from ray import tune
+def launch(cfg: SweepConfig, plan: Plan, *, echo: Echo = print,
+           trainable: Callable[..., None] | None = None) -> dict[str, Any]:
+    """Run the sweep described by ``cfg`` and ``plan`` to the end; the summary.
 
-    from orchestrator.search import create_scheduler, create_searcher
+    ``trainable`` replaces the trial function (``train_trial(config, splits)``),
+    wrapped the same way; ``bench/scale.py`` passes one that trains nothing.
+    """
+
+    from orchestrator.search import create_searcher
 
     if not is_uri(plan.experiment_path) and Path(plan.experiment_path).exists():
         raise SweepInputError(
@@ -364,8 +370,30 @@ def launch(cfg: SweepConfig, plan: Plan, *, echo: Echo = print) -> dict[str, Any
     echo(f"sweep {plan.name}: {num_samples} trials -> {plan.experiment_path}")
     echo(f"tracking: {plan.tracking_uri} (experiment '{plan.experiment}', run "
          f"{plan.parent_run_id})")
+    results = _fit(cfg, plan, searcher, num_samples,
+                   _trainable(cfg, splits, has_gpu, trainable), None, echo)
+    return finish(cfg, plan, results, echo=echo)
+
+
+def _rounds(plan: Plan) -> list[tuple[str, str]]:
+    """``(Tune experiment path, run-map file)`` of each round: the launch, then extends."""
+    rounds = [(plan.experiment_path, RUNS_FILE)]
+    for name in plan.extra.get("rounds", []):
+        rounds.append((f"{plan.experiment_path}/{name}", f"mlflow-runs.{name}.json"))
+    return rounds
+
+
+def _fit(cfg: SweepConfig, plan: Plan, searcher: Any, num_samples: int, trainable: Any,
+         round_: tuple[str, str] | None, echo: Echo) -> Any:
+    """Build the Tuner of one round and run it; Tune's ResultGrid."""
+    from ray import tune
+
+    from orchestrator.search import create_scheduler
+
+    path, runs_file = round_ or (plan.experiment_path, RUNS_FILE)
+    storage, _, name = path.rpartition("/")
     tuner = tune.Tuner(
-        _trainable(cfg, splits, has_gpu),
+        trainable,
         tune_config=tune.TuneConfig(
             search_alg=searcher, scheduler=create_scheduler(cfg), num_samples=num_samples,
             metric=plan.metric, mode=plan.mode, trial_dirname_creator=trial_dirname,
@@ -374,8 +402,8 @@ def launch(cfg: SweepConfig, plan: Plan, *, echo: Echo = print) -> dict[str, Any
             reuse_actors=True,
         ),
         run_config=tune.RunConfig(
-            name=plan.name, storage_path=plan.storage_path, verbose=0,
-            callbacks=_callbacks(cfg, plan, echo),
+            name=name, storage_path=storage, verbose=0,
+            callbacks=_callbacks(cfg, plan, echo, runs_file, num_samples),
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=CHECKPOINTS_TO_KEEP, checkpoint_score_attribute=plan.metric,
                 checkpoint_score_order=plan.mode),
@@ -383,27 +411,103 @@ def launch(cfg: SweepConfig, plan: Plan, *, echo: Echo = print) -> dict[str, Any
             failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures),
         ),
     )
-    results = tuner.fit()
+    return tuner.fit()
+
+
+def extend(home: str, num_samples: int, *, echo: Echo = print,
+           address: str | None = None) -> dict[str, Any]:
+    """Add ``num_samples`` trials to a finished sweep: same Optuna study, same parent run.
+
+    Each extension is a Tune experiment of its own inside the sweep's folder
+    (``<sweep>/extend-N``): Tune cannot raise the budget of a finished experiment.
+    Its searcher starts from the previous round's saved searcher state, which holds
+    the Optuna study (every trial, pruned ones included, and the sampler's RNG), so
+    TPE goes on from everything the sweep has seen. The trials log into the same
+    MLflow parent run; registration then ranks every round's trials together.
+    ASHA's rungs start empty in each round (Tune does not save scheduler state):
+    a new round's first trials reach a rung unopposed.
+    """
+    from orchestrator.search import create_searcher
+
+    if num_samples < 1:
+        raise SweepInputError(f"--num-samples must be >= 1, got {num_samples}")
+    plan = Plan.load(home)
+    _tracking_env()
+    cfg = load_sweep(Path(plan.home) / SWEEP_FILE)
+    if cfg.search.algorithm == "grid":
+        raise SweepInputError(f"{home}: a grid sweep has run every point; extend needs a "
+                              "tpe or random search")
+    if address is not None:
+        plan.address = address
+    last_path, _ = _rounds(plan)[-1]
+    _require_finished(last_path)
+    cfg = with_num_samples(cfg, num_samples)
+    searcher, _ = create_searcher(cfg, study_name=plan.name)
+    searcher.restore_from_dir(last_path)  # the Optuna study so far (ConcurrencyLimiter
+    # passes it to the OptunaSearch it wraps)
+    splits = _load_splits(cfg)
+    _start_ray(plan.address)
+    has_gpu = _check_cluster(cfg, plan)
+    name = f"extend-{len(plan.extra.get('rounds', [])) + 1}"
+    plan.extra.setdefault("rounds", []).append(name)
+    plan.num_samples += num_samples
+    plan.save()
+    client = _reopen_parent(plan, name, num_samples)
+    echo(f"extending sweep {plan.name} by {num_samples} trials -> {plan.experiment_path}/{name}"
+         f" (parent run {plan.parent_run_id}, {client.get_experiment(plan.experiment_id).name})")
+    results = _fit(cfg, plan, searcher, num_samples, _trainable(cfg, splits, has_gpu),
+                   _rounds(plan)[-1], echo)
     return finish(cfg, plan, results, echo=echo)
 
 
+def _require_finished(experiment_path: str) -> None:
+    """Refuse to extend a round that is still running or was interrupted."""
+    from ray import tune
+
+    if not tune.Tuner.can_restore(experiment_path):
+        raise SweepInputError(f"{experiment_path}: no Tune experiment state")
+    analysis = tune.ExperimentAnalysis(experiment_path)
+    open_trials = [t.trial_id for t in analysis.trials if t.status not in ("TERMINATED", "ERROR")]
+    if open_trials:
+        raise SweepInputError(
+            f"{experiment_path}: {len(open_trials)} trial(s) have not finished; "
+            f"`wrnsweep resume` the sweep first")
+
+
+def _reopen_parent(plan: Plan, round_name: str, num_samples: int) -> Any:
+    """The parent run is RUNNING again while trials are added (MLflow params are fixed,
+    so the new totals go into tags)."""
+    from orchestrator.tracking import mlflow_client
+
+    client = mlflow_client(plan.tracking_uri)
+    assert plan.parent_run_id
+    client.update_run(plan.parent_run_id, status="RUNNING")
+    client.set_tag(plan.parent_run_id, "wrnsweep.num_samples", str(plan.num_samples))
+    client.set_tag(plan.parent_run_id, f"wrnsweep.{round_name}", str(num_samples))
+    return client
+
+
 def resume(home: str, *, echo: Echo = print, address: str | None = None) -> dict[str, Any]:
-    """Continue an interrupted sweep from its folder (driver killed, even by SIGKILL)."""
+    """Continue an interrupted sweep from its folder (driver killed, even by SIGKILL).
+
+    Only the last round can be unfinished (``extend`` refuses to start otherwise).
+    """
     from ray import tune
 
     plan = Plan.load(home)
     _tracking_env()
-    cfg = with_num_samples(load_sweep(Path(plan.home) / SWEEP_FILE), plan.num_samples)
+    path, _ = _rounds(plan)[-1]
+    cfg = load_sweep(Path(plan.home) / SWEEP_FILE)
     if address is not None:
         plan.address = address
-    if not tune.Tuner.can_restore(plan.experiment_path):
-        raise SweepInputError(f"{plan.experiment_path}: no Tune experiment state to resume")
+    if not tune.Tuner.can_restore(path):
+        raise SweepInputError(f"{path}: no Tune experiment state to resume")
     splits = _load_splits(cfg)
     _start_ray(plan.address)
     has_gpu = _check_cluster(cfg, plan)
-    echo(f"resuming sweep {plan.name} from {plan.experiment_path}")
+    echo(f"resuming sweep {plan.name} from {path}")
     # The trainable must be wrapped exactly as at launch (resources, dataset).
-    tuner = tune.Tuner.restore(plan.experiment_path, trainable=_trainable(cfg, splits, has_gpu),
+    tuner = tune.Tuner.restore(path, trainable=_trainable(cfg, splits, has_gpu),
                                resume_unfinished=True, resume_errored=True)
     results = tuner.fit()
     return finish(cfg, plan, results, echo=echo)
@@ -418,16 +522,29 @@ def _best_value(result: Any, metric: str, mode: str) -> float | None:
     return float(series.max() if mode == "max" else series.min())
 
 
+def _round_results(path: str, plan: Plan) -> Any:
+    """Tune's results of a finished round, read from its folder."""
+    from ray import tune
+
+    return tune.ResultGrid(tune.ExperimentAnalysis(path, default_metric=plan.metric,
+                                                   default_mode=plan.mode))
+
+
 def finish(cfg: SweepConfig, plan: Plan, results: Any, *, echo: Echo = print) -> dict[str, Any]:
     """Close the runs, register the top-k, print the leaderboard."""
     from orchestrator.registry import CHAMPION, Candidate, register
-    from orchestrator.tracking import BufferedWriter, mlflow_client, reconcile_runs
+    from orchestrator.tracking import BufferedWriter, load_run_map, mlflow_client, reconcile_runs
 
     client = mlflow_client(plan.tracking_uri)
-    runs_file = Path(plan.home) / RUNS_FILE
-    runs = json.loads(runs_file.read_text()) if runs_file.exists() else {}
+    # Every round's results, the one just run last (an extended sweep ranks them all).
+    rounds = _rounds(plan)
+    results = [*(r for path, _ in rounds[:-1] for r in _round_results(path, plan)), *results]
     outcomes = {(r.metrics or {}).get("trial_id"): "error" if r.error else "ok" for r in results}
-    reconcile_runs(client, runs, outcomes, BufferedWriter(echo=echo))
+    runs: dict[str, dict[str, Any]] = {}
+    for _, runs_name in rounds:
+        round_runs = load_run_map(Path(plan.home) / runs_name)
+        reconcile_runs(client, round_runs, outcomes, BufferedWriter(echo=echo))
+        runs.update(round_runs)
 
     candidates = []
     for result in results:

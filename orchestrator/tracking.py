@@ -160,6 +160,12 @@ def run_name(config: dict[str, Any], trial_id: str) -> str:
     return f"{values.get('arch')}-{values.get('depth')}-{values.get('width', 1)}-{trial_id}"
 
 
+def load_run_map(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """A sweep round's run map (trial id -> MLflow run id, epochs logged); {} if none."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 class SweepTracker(tune.Callback):
     """Writes every Tune trial into its own MLflow child run of the sweep's run."""
 
@@ -201,8 +207,7 @@ class SweepTracker(tune.Callback):
     def runs(self) -> dict[str, dict[str, Any]]:
         """trial id -> {"run_id", "last_epoch", "best"}; persisted after each change."""
         if self._state is None:
-            path = Path(self.state_file)
-            self._state = json.loads(path.read_text()) if path.exists() else {}
+            self._state = load_run_map(self.state_file)
             for entry in self._state.values():
                 entry.pop("create_queued", None)  # a queue that died with the old driver
             self._replay_pending()

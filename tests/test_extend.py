@@ -1,0 +1,110 @@
+"""`wrnsweep extend`: more trials for a finished sweep, same Optuna study, same parent run.
+
+Real Ray, Optuna and a SQLite MLflow store; everything is read back from the
+sweep folder (Tune's searcher state) and through MlflowClient.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TWO_ARCH = REPO / "tests" / "sweeps" / "two_arch.yaml"
+WRNSWEEP = str(Path(sys.executable).with_name("wrnsweep"))
+
+pytestmark = pytest.mark.slow
+
+
+def wrnsweep(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([WRNSWEEP, *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=600, env={**os.environ, "RAY_ADDRESS": ""})
+
+
+def study_of(experiment_dir: Path):
+    """The Optuna study that Tune saved with the round's searcher state."""
+    path = max(glob.glob(str(experiment_dir / "searcher-state-*.pkl")))
+    with open(path, "rb") as f:  # the test's own sweep output, written by Tune
+        return pickle.load(f)["_ot_study"]
+
+
+@pytest.fixture(scope="module")
+def extended(tmp_path_factory) -> dict:
+    work = tmp_path_factory.mktemp("extend")
+    launched = wrnsweep("launch", str(TWO_ARCH), "--storage", str(work / "runs"),
+                        "--num-samples", "3", cwd=work)
+    assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
+    home = work / "runs" / "e2e"
+    before = [(t.number, t.params, t.state) for t in study_of(home).trials]
+    result = wrnsweep("extend", str(home), "--num-samples", "2", cwd=work)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return {"home": home, "before": before, "result": result, "work": work}
+
+
+def test_extend_adds_trials_to_the_same_parent_run(extended) -> None:
+    from mlflow import MlflowClient
+
+    home = extended["home"]
+    meta = json.loads((home / "wrnsweep.json").read_text())
+    assert meta["num_samples"] == 5 and meta["extra"]["rounds"] == ["extend-1"]
+    client = MlflowClient(tracking_uri=meta["tracking_uri"], registry_uri=meta["tracking_uri"])
+    runs = client.search_runs(
+        [meta["experiment_id"]],
+        filter_string=f"tags.`mlflow.parentRunId` = '{meta['parent_run_id']}'")
+    assert len(runs) == 5
+    assert len({r.data.tags["wrnsweep.trial_id"] for r in runs}) == 5
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in runs)
+    # Only one parent run in the experiment, finished again, with the new total.
+    parents = [r for r in client.search_runs([meta["experiment_id"]])
+               if "mlflow.parentRunId" not in r.data.tags]
+    assert [p.info.run_id for p in parents] == [meta["parent_run_id"]]
+    assert parents[0].info.status == "FINISHED"
+    assert parents[0].data.tags["wrnsweep.num_samples"] == "5"
+    assert parents[0].data.metrics["trials"] == 5
+
+
+def test_extend_continues_the_optuna_study(extended) -> None:
+    home, before = extended["home"], extended["before"]
+    after = study_of(home / "extend-1").trials
+    assert len(before) == 3 and len(after) == 5
+    # The first three trials are the launch's, unchanged: the study went on, not anew.
+    assert [(t.number, t.params, t.state) for t in after[:3]] == before
+    assert all(t.state.is_finished() for t in after)
+
+
+def test_extend_registers_across_rounds_without_duplicates(extended) -> None:
+    from mlflow import MlflowClient
+
+    home = extended["home"]
+    meta = json.loads((home / "wrnsweep.json").read_text())
+    client = MlflowClient(tracking_uri=meta["tracking_uri"], registry_uri=meta["tracking_uri"])
+    versions = client.search_model_versions(f"name='{meta['registered_model']}'")
+    run_ids = [v.run_id for v in versions]
+    assert len(run_ids) == len(set(run_ids))  # a run registered in round 1 is not registered again
+    champion = client.get_model_version_by_alias(meta["registered_model"], "champion")
+    best = max(client.search_runs(
+        [meta["experiment_id"]],
+        filter_string=f"tags.`mlflow.parentRunId` = '{meta['parent_run_id']}'"),
+        key=lambda r: r.data.metrics.get("best_val_acc", -1.0))
+    assert champion.run_id == best.info.run_id
+
+    board = wrnsweep("best", str(home), "--json", cwd=extended["work"])
+    assert board.returncode == 0, board.stderr
+    assert len(json.loads(board.stdout)) == 5
+
+
+def test_extend_rejects_bad_input(tmp_path) -> None:
+    missing = wrnsweep("extend", str(tmp_path / "nope"), "--num-samples", "2", cwd=tmp_path)
+    assert missing.returncode == 2 and "no such sweep folder" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    zero = wrnsweep("extend", str(tmp_path), "--num-samples", "0", cwd=tmp_path)
+    assert zero.returncode == 2 and "--num-samples must be >= 1" in zero.stderr
+    not_sweep = wrnsweep("extend", str(tmp_path), "--num-samples", "1", cwd=tmp_path)
+    assert not_sweep.returncode == 2 and "not a wrnsweep sweep folder" in not_sweep.stderr
