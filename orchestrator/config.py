@@ -405,6 +405,8 @@ class RaySpec(_Model):
     storage_path: Str | None = None  # None -> ./runs ; a shared path or s3:// / gs:// on a cluster
     # A trial that raises is retried from its last checkpoint this many times.
     max_failures: Int = Field(default=2, ge=0)
+    # Memory of one GPU, for `resources: auto`; None -> read with nvidia-smi on a GPU node.
+    gpu_memory_gib: Number | None = Field(default=None, gt=0)
 
 
 # ------------------------------------------------------------------ uniform view

@@ -115,21 +115,33 @@ def with_num_samples(cfg: SweepConfig, num_samples: int) -> SweepConfig:
 
 
 # -- resources -------------------------------------------------------------------------
-def resources_fn(cfg: SweepConfig, *, cluster_has_gpu: bool) -> Callable[[dict], dict]:
-    """Ray resources of a trial as a function of its sampled architecture.
+def resources_fn(cfg: SweepConfig, *, cluster_has_gpu: bool,
+                 gpu_memory_bytes: int | None = None) -> Callable[[dict], dict]:
+    """Ray resources of a trial as a function of its sampled configuration.
 
-    ``auto`` asks for one CPU and, where the cluster has GPUs, one whole GPU
-    (memory-aware fractional packing is a later refinement, see README).
+    Fixed specs are per architecture. ``auto`` is one CPU plus, where the cluster
+    has GPUs, the GPU share that the trial's estimated peak memory needs on a GPU
+    of ``gpu_memory_bytes`` (:class:`orchestrator.packing.AutoResources`).
     """
     table: dict[str, dict[str, float]] = {}
+    auto: Callable[[dict], dict] | None = None
     for arch in cfg.arch_names():
         spec = cfg.resources_for(arch)
-        if spec == "auto":
-            spec = {"cpu": 1.0, "gpu": 1.0 if cluster_has_gpu else 0.0}
-        table[arch] = spec
+        if spec != "auto":
+            table[arch] = spec
+        elif not cluster_has_gpu:
+            table[arch] = {"cpu": 1.0, "gpu": 0.0}
+        elif auto is None:
+            from orchestrator.packing import AutoResources
+
+            auto = AutoResources(gpu_memory_bytes)
 
     def resources(config: dict) -> dict:
-        return dict(table[config["arch"]])
+        fixed = table.get(config["arch"])
+        if fixed is not None:
+            return dict(fixed)
+        assert auto is not None
+        return auto(config)
 
     return resources
 
@@ -147,8 +159,13 @@ def describe_plan(cfg: SweepConfig, plan: Plan) -> str:
     lines.append(f"dataset: {cfg.dataset_options()['dataset']}")
     for arch, rows in describe(cfg).items():
         res = cfg.resources_for(arch)
-        res_text = "auto (1 CPU, 1 GPU where the cluster has GPUs)" if res == "auto" else (
-            f"{res['cpu']:g} CPU, {res['gpu']:g} GPU")
+        if res == "auto":
+            from orchestrator.packing import GiB, describe_auto
+
+            gib = cfg.ray.gpu_memory_gib
+            res_text = describe_auto(cfg, arch, int(gib * GiB) if gib else None)
+        else:
+            res_text = f"{res['cpu']:g} CPU, {res['gpu']:g} GPU"
         lines.append(f"architecture {arch}: {cfg.epochs_for(arch)} epochs, {res_text} per trial")
         constants = cfg.recipe_constants(arch)
         lines.extend(f"  {name:<14} {text}" for name, text in rows.items()
@@ -231,6 +248,13 @@ def _check_cluster(cfg: SweepConfig, plan: Plan) -> bool:
                 f"storage_path {plan.storage_path} is not shared: {len(blind)} of "
                 f"{len(alive)} nodes cannot see it (Ray workers write checkpoints there "
                 "directly). Use a folder every node mounts (NFS) or s3:// / gs://.")
+    if any(cfg.resources_for(a) == "auto" for a in cfg.arch_names()):
+        from orchestrator.packing import gpu_memory_for
+
+        try:
+            plan.extra["gpu_memory_bytes"] = gpu_memory_for(cfg, alive)
+        except ValueError as err:
+            raise SweepInputError(str(err)) from None
     if len(alive) > 1 and plan.tracking_uri.startswith("sqlite:"):
         plan.extra["tracking_note"] = (
             "MLflow uses a SQLite file on this driver; that is fine on a cluster because "
@@ -277,7 +301,7 @@ def _load_splits(cfg: SweepConfig) -> Any:
         raise SweepInputError(str(err)) from None
 
 
-def _trainable(cfg: SweepConfig, splits: Any, has_gpu: bool,
+def _trainable(cfg: SweepConfig, splits: Any, has_gpu: bool, plan: Plan,
                fn: Callable[..., None] | None = None) -> Any:
     from ray import tune
 
@@ -285,7 +309,8 @@ def _trainable(cfg: SweepConfig, splits: Any, has_gpu: bool,
 
     # The dataset goes into the object store once, not into every trial's config.
     with_data = tune.with_parameters(fn or train_trial, splits=splits)
-    return tune.with_resources(with_data, resources=resources_fn(cfg, cluster_has_gpu=has_gpu))
+    return tune.with_resources(with_data, resources=resources_fn(
+        cfg, cluster_has_gpu=has_gpu, gpu_memory_bytes=plan.extra.get("gpu_memory_bytes")))
 
 
 def _tracking_env() -> None:
@@ -335,9 +360,12 @@ def _callbacks(cfg: SweepConfig, plan: Plan, echo: Echo, runs_file: str = RUNS_F
         parent_run_id=plan.parent_run_id, state_file=str(Path(plan.home) / runs_file),
         metric=plan.metric, mode=plan.mode, sweep_name=plan.name,
     )
+    from orchestrator.packing import OomEscalation
+
     progress = ConsoleProgress(metric=plan.metric, mode=plan.mode,
                                num_samples=num_samples or plan.num_samples, echo=echo)
-    return [tracker, progress]
+    # OOM escalation first: the tracker then records the retry with the new share.
+    return [OomEscalation(tracker, echo), tracker, progress]
 
 
 def launch(cfg: SweepConfig, plan: Plan, *, echo: Echo = print,
@@ -371,7 +399,7 @@ def launch(cfg: SweepConfig, plan: Plan, *, echo: Echo = print,
     echo(f"tracking: {plan.tracking_uri} (experiment '{plan.experiment}', run "
          f"{plan.parent_run_id})")
     results = _fit(cfg, plan, searcher, num_samples,
-                   _trainable(cfg, splits, has_gpu, trainable), None, echo)
+                   _trainable(cfg, splits, has_gpu, plan, trainable), None, echo)
     return finish(cfg, plan, results, echo=echo)
 
 
@@ -455,7 +483,7 @@ def extend(home: str, num_samples: int, *, echo: Echo = print,
     client = _reopen_parent(plan, name, num_samples)
     echo(f"extending sweep {plan.name} by {num_samples} trials -> {plan.experiment_path}/{name}"
          f" (parent run {plan.parent_run_id}, {client.get_experiment(plan.experiment_id).name})")
-    results = _fit(cfg, plan, searcher, num_samples, _trainable(cfg, splits, has_gpu),
+    results = _fit(cfg, plan, searcher, num_samples, _trainable(cfg, splits, has_gpu, plan),
                    _rounds(plan)[-1], echo)
     return finish(cfg, plan, results, echo=echo)
 
@@ -507,7 +535,7 @@ def resume(home: str, *, echo: Echo = print, address: str | None = None) -> dict
     has_gpu = _check_cluster(cfg, plan)
     echo(f"resuming sweep {plan.name} from {path}")
     # The trainable must be wrapped exactly as at launch (resources, dataset).
-    tuner = tune.Tuner.restore(path, trainable=_trainable(cfg, splits, has_gpu),
+    tuner = tune.Tuner.restore(path, trainable=_trainable(cfg, splits, has_gpu, plan),
                                resume_unfinished=True, resume_errored=True)
     results = tuner.fit()
     return finish(cfg, plan, results, echo=echo)

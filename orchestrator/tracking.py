@@ -49,6 +49,7 @@ EPOCH_METRICS = (
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "wrnsweep.trial_id"
 SWEEP_TAG = "wrnsweep.sweep"
+GPU_TAG = "wrnsweep.gpu"  # GPUs the trial holds (a fraction with resources: auto)
 
 
 class BufferedWriter:
@@ -160,6 +161,14 @@ def run_name(config: dict[str, Any], trial_id: str) -> str:
     return f"{values.get('arch')}-{values.get('depth')}-{values.get('width', 1)}-{trial_id}"
 
 
+def _trial_gpus(trial: Any) -> str:
+    """The GPUs (a fraction under ``resources: auto``) a trial holds, as a tag value."""
+    try:
+        return f"{float(trial.placement_group_factory.required_resources.get('GPU', 0)):g}"
+    except AttributeError:  # a stand-in trial without resources
+        return "0"
+
+
 def load_run_map(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     """A sweep round's run map (trial id -> MLflow run id, epochs logged); {} if none."""
     path = Path(path)
@@ -246,19 +255,25 @@ class SweepTracker(tune.Callback):
         if entry["run_id"] is None and not entry.get("create_queued"):
             entry["create_queued"] = True
             name, params = run_name(trial.config, trial.trial_id), run_params(trial.config)
+            gpus = _trial_gpus(trial)
             self.writer.submit(lambda: self._create_run(trial.trial_id, entry, name, params,
-                                                        str(trial.config.get("arch"))))
+                                                        str(trial.config.get("arch")), gpus))
         return entry
 
+    def tag_trial(self, trial: Any, key: str, value: str) -> None:
+        """Set a tag on a trial's run, in order with its other writes."""
+        entry = self._ensure_run(trial)
+        self.writer.submit(lambda: self.client.set_tag(entry["run_id"], key, value))
+
     def _create_run(self, trial_id: str, entry: dict[str, Any], name: str,
-                    params: dict[str, str], arch: str) -> None:
+                    params: dict[str, str], arch: str, gpus: str = "0") -> None:
         from mlflow.entities import Param
 
         if entry["run_id"] is None:
             run = self.client.create_run(
                 self.experiment_id, run_name=name,
                 tags={PARENT_TAG: self.parent_run_id, TRIAL_TAG: trial_id,
-                      SWEEP_TAG: self.sweep_name, "arch": arch},
+                      SWEEP_TAG: self.sweep_name, "arch": arch, GPU_TAG: gpus},
             )
             entry["run_id"] = run.info.run_id
             entry.pop("create_queued", None)

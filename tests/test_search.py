@@ -502,7 +502,8 @@ def test_asha_rungs_match_the_scheduler(grace: int, rf: float, epochs: int) -> N
 
 def test_resources_per_architecture_and_auto() -> None:
     """Each architecture gets its own request (fractional GPU kept, ``default`` for the
-    rest); ``auto`` asks for a GPU only where the cluster has one; Tune reads the dicts."""
+    rest); ``auto`` asks for a GPU share only where the cluster has GPUs; Tune reads the
+    dicts."""
     cfg = _cfg("""\
 name: res
 architectures:
@@ -516,12 +517,13 @@ resources:
   resnet: {cpu: 2, gpu: 0.25}
   diracnet: auto
 """)
-    with_gpu = resources_fn(cfg, cluster_has_gpu=True)
+    with_gpu = resources_fn(cfg, cluster_has_gpu=True, gpu_memory_bytes=80 * 1024**3)
     without = resources_fn(cfg, cluster_has_gpu=False)
     assert with_gpu({"arch": "wrn"}) == {"cpu": 8.0, "gpu": 1.0}
     assert with_gpu({"arch": "resnet"}) == {"cpu": 2.0, "gpu": 0.25}
     assert with_gpu({"arch": "preact_resnet"}) == {"cpu": 2.0, "gpu": 0.5}
-    assert with_gpu({"arch": "diracnet"}) == {"cpu": 1.0, "gpu": 1.0}
+    # auto: the share the memory estimate needs (a DiracNet-16 is small: 1/8 of a GPU).
+    assert with_gpu({"arch": "diracnet", "diracnet.depth": 16}) == {"cpu": 1.0, "gpu": 0.125}
     assert without({"arch": "diracnet"}) == {"cpu": 1.0, "gpu": 0.0}
     assert without({"arch": "resnet"}) == {"cpu": 2.0, "gpu": 0.25}
     assert resource_dict_to_pg_factory(with_gpu({"arch": "resnet"})).bundles == [

@@ -86,6 +86,28 @@ def _maybe_fail(arch: str, next_epoch: int, restored: bool) -> None:
     raise InjectedFailure(f"injected failure before epoch {next_epoch} (WRNSWEEP_FAIL_AT_EPOCH)")
 
 
+def _maybe_oom() -> None:
+    """Fault injection for the OOM escalation test; inert unless configured.
+
+    ``WRNSWEEP_OOM_BELOW_SHARE=S`` makes a trial that holds less than S of a GPU
+    raise CUDA's out-of-memory error, as a trial whose share is too small would
+    (a CPU-only machine cannot run out of GPU memory). Set on the nodes only.
+    """
+    below = os.environ.get("WRNSWEEP_OOM_BELOW_SHARE")
+    if not below:
+        return
+    try:
+        gpus = tune.get_context().get_trial_resources().required_resources.get("GPU", 0)
+    except Exception:  # outside a Tune session
+        return
+    if gpus < float(below):
+        import torch
+
+        raise torch.cuda.OutOfMemoryError(
+            f"CUDA out of memory (injected by WRNSWEEP_OOM_BELOW_SHARE={below} at a share "
+            f"of {gpus:g} GPU)")
+
+
 def train_trial(config: dict[str, Any], splits: Splits | None = None) -> None:
     """Run one trial; ``splits`` arrives through ``tune.with_parameters`` (object store)."""
     values = trial_config(config)
@@ -99,6 +121,7 @@ def train_trial(config: dict[str, Any], splits: Splits | None = None) -> None:
             trainer.load_state_dict(load_checkpoint(folder))
     while trainer.epoch < cfg.epochs:
         _maybe_fail(cfg.arch, trainer.epoch + 1, restored=checkpoint is not None)
+        _maybe_oom()
         result = trainer.run_epoch()
         if result.diverged:
             tune.report({"epoch": trainer.epoch + 1, "total_epochs": cfg.epochs,
