@@ -308,6 +308,78 @@ def best(target: str, top: int | None, as_json: bool, tracking_uri: str | None) 
         click.echo(format_table(rows, plan.metric))
 
 
+@main.command()
+@click.argument("target")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Folder for report.html, report.json and the PNGs [default: "
+                   "<sweep folder>/report, or ./report-NAME for a sweep name].")
+@tracking_option
+def report(target: str, out: str | None, tracking_uri: str | None) -> None:
+    """Self-contained HTML report of a sweep from MLflow, also logged to its parent run.
+
+    TARGET is a sweep folder or a sweep name (with --tracking-uri). The page has the
+    leaderboard with GPU-hours, learning curves, accuracy against parameters with the
+    Pareto front (and the papers' points for CIFAR), parallel coordinates and
+    hyperparameter importances (Optuna fANOVA).
+    """
+    from orchestrator.report import ARTIFACT_DIR, write_report
+    from orchestrator.sweep import SweepInputError
+    from orchestrator.tracking import mlflow_client
+
+    try:
+        plan = _plan_for(target, tracking_uri)
+        folder = Path(out) if out else (Path(target) / "report" if Path(target).is_dir()
+                                        else Path(f"report-{plan.name}"))
+        result = write_report(mlflow_client(plan.tracking_uri), plan, folder)
+    except SweepInputError as err:
+        raise InvalidInput(str(err)) from None
+    except Exception as err:  # MlflowException: tracking store unreachable, run deleted
+        if type(err).__name__ == "MlflowException":
+            raise click.ClickException(str(err).splitlines()[0]) from None
+        raise
+    click.echo(f"report written to {result.html.resolve()} ({len(result.figures)} figures "
+               f"beside it); logged to run {plan.parent_run_id} under {ARTIFACT_DIR}/")
+
+
+@main.command(name="ui")
+@click.argument("target")
+@click.option("--port", type=int, default=5000, show_default=True,
+              help="Port of the UI (checked free before anything starts).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to bind; 0.0.0.0 shows the store to the whole network.")
+@tracking_option
+def ui_command(target: str, port: int, host: str, tracking_uri: str | None) -> None:
+    """MLflow UI for a sweep; TARGET is a sweep folder or a sweep name (--tracking-uri).
+
+    A local store (the sweep folder's SQLite by default) gets `mlflow server` from this
+    environment until Ctrl-C; a sweep tracked on an MLflow server gets that server's
+    URL, nothing started. Either way it prints the URL of the sweep's runs.
+    """
+    from orchestrator import ui
+    from orchestrator.sweep import SweepInputError
+
+    try:
+        plan = _plan_for(target, tracking_uri)
+    except SweepInputError as err:
+        raise InvalidInput(str(err)) from None
+    except Exception as err:  # MlflowException: the server to look the name up in failed
+        if type(err).__name__ == "MlflowException":
+            raise click.ClickException(str(err).splitlines()[0]) from None
+        raise
+    if ui.is_server(plan.tracking_uri):
+        click.echo(f"MLflow UI: {ui.experiment_url(plan.tracking_uri, plan.experiment_id)}")
+        return
+    try:
+        code = ui.serve(plan.tracking_uri, plan.experiment_id, host=host, port=port,
+                        echo=click.echo)
+    except ValueError as err:
+        raise InvalidInput(str(err)) from None
+    except RuntimeError as err:
+        raise click.ClickException(str(err)) from None
+    if code != 0:
+        raise click.ClickException(f"mlflow server exited with code {code}")
+
+
 # -- cluster jobs -------------------------------------------------------------------------
 jobs_address_option = click.option(
     "--address", envvar="RAY_ADDRESS", required=True,
