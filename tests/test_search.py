@@ -539,3 +539,56 @@ def test_resources_default_without_section() -> None:
     fn = resources_fn(cfg, cluster_has_gpu=True)
     assert all(fn({"arch": a}) == {"cpu": 1.0, "gpu": 0.0} for a in cfg.arch_names())
     assert set(cfg.arch_names()) <= set(ARCHS)
+
+
+# -- TPE with a capped history --------------------------------------------------------
+def _capped_study(sampler: optuna.samplers.BaseSampler, n: int) -> optuna.Study:
+    """``n`` trials of a 2-parameter objective, minimised, asked and told in order."""
+    study = optuna.create_study(sampler=sampler, direction="minimize")
+    for _ in range(n):
+        trial = study.ask()
+        x = trial.suggest_float("x", -5, 5)
+        k = trial.suggest_categorical("k", ["a", "b", "c"])
+        study.tell(trial, (x - 1) ** 2 + {"a": 0.0, "b": 0.5, "c": 1.0}[k])
+    return study
+
+
+def test_capped_tpe_is_plain_tpe_up_to_the_cap() -> None:
+    from orchestrator.search import CappedTPESampler
+
+    kwargs: dict[str, Any] = {"seed": 3, "n_startup_trials": 5, "multivariate": True}
+    capped = _capped_study(CappedTPESampler(max_history=40, keep_best=10, **kwargs), 40)
+    plain = _capped_study(optuna.samplers.TPESampler(**kwargs), 40)
+    assert [t.params for t in capped.trials] == [t.params for t in plain.trials]
+
+
+def test_capped_tpe_sees_the_best_and_the_most_recent_trials_only() -> None:
+    from orchestrator.search import CappedTPESampler
+
+    sampler = CappedTPESampler(max_history=20, keep_best=5, seed=0, n_startup_trials=5,
+                               multivariate=True)
+    study = _capped_study(sampler, 60)
+    finished = (TrialState.COMPLETE, TrialState.PRUNED)
+    seen = sampler._view(study)._get_trials(deepcopy=False, states=finished)
+    assert len(seen) == 20
+    best = sorted(study.trials, key=lambda t: t.value)[:5]
+    newest = study.trials[-15:]
+    assert {t.number for t in seen} >= {t.number for t in best} | {t.number for t in newest}
+    assert len(study.trials) == 60  # the study itself keeps every trial
+    # Optimises all the same: the best is near x=1, k=a.
+    assert study.best_value < 0.5
+
+
+def test_capped_tpe_rejects_a_cap_below_the_best_kept() -> None:
+    from orchestrator.search import CappedTPESampler
+
+    with pytest.raises(ValueError, match="keep_best must be in"):
+        CappedTPESampler(max_history=10, keep_best=10)
+
+
+def test_tpe_searcher_uses_the_capped_sampler() -> None:
+    from orchestrator.search import TPE_HISTORY, CappedTPESampler
+
+    sampler = _searcher(load_sweep(SPACES / "smoke.yaml"))[1]._ot_study.sampler
+    assert isinstance(sampler, CappedTPESampler)
+    assert sampler._max_history == TPE_HISTORY
