@@ -119,11 +119,12 @@ def submit(sweep_file: str, *, address: str, storage: str | None = None,
     return jobs, job_id
 
 
-def _submit_with_retry(jobs: Any, request: dict[str, Any], deadline: float = 120.0) -> str:
+def _submit_with_retry(jobs: Any, request: dict[str, Any], deadline: float = 300.0) -> str:
     """Submit, waiting out a head whose job agent is still starting.
 
     A freshly started head answers "No available agent to submit job, please try
-    again later" (HTTP 500) for its first seconds; that and nothing else is retried.
+    again later" (HTTP 500) for its first seconds (minutes on a busy 2-core head: 2
+    minutes were seen not to be enough); that and nothing else is retried.
     """
     end = time.monotonic() + deadline
     delay = 1.0

@@ -33,6 +33,7 @@ SWEEP_FILE = "sweep.yaml"
 CHECKPOINTS_TO_KEEP = 3  # best few by the metric; Ray always keeps the latest as well
 
 Echo = Callable[[str], None]
+NO_AUTO_LOGGERS = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"  # Tune's switch, see _callbacks
 
 
 class SweepError(RuntimeError):
@@ -373,8 +374,8 @@ def _callbacks(cfg: SweepConfig, plan: Plan, echo: Echo, runs_file: str = RUNS_F
     # Tune's CSV and JSON result files (what Tune and `finish` read back), but not its
     # TensorBoard event files: nothing here reads them, and writing them cost the
     # driver ~9 ms per trial (bench/scale.py). Given explicitly, with Tune's automatic
-    # loggers off; `resume` leaves Tune's default (the loggers were pickled at launch).
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # loggers off while `_fit` runs; `resume` leaves Tune's default (the loggers were
+    # pickled at launch).
     # OOM escalation first: the tracker then records the retry with the new share.
     return [OomEscalation(tracker, echo), tracker, progress, CSVLoggerCallback(),
             JsonLoggerCallback()]
@@ -451,7 +452,17 @@ def _fit(cfg: SweepConfig, plan: Plan, searcher: Any, num_samples: int, trainabl
             failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures),
         ),
     )
-    return tuner.fit()
+    # Read when fit() creates the callbacks; set only meanwhile, so that a plain Tuner
+    # later in the same process still gets Tune's default loggers.
+    previous = os.environ.get(NO_AUTO_LOGGERS)
+    os.environ[NO_AUTO_LOGGERS] = "1"
+    try:
+        return tuner.fit()
+    finally:
+        if previous is None:
+            os.environ.pop(NO_AUTO_LOGGERS, None)
+        else:
+            os.environ[NO_AUTO_LOGGERS] = previous
 
 
 def extend(home: str, num_samples: int, *, echo: Echo = print,
