@@ -260,6 +260,11 @@ class OomEscalation(tune.Callback):
         self.tracker = tracker
         self.echo = echo
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles callbacks into the experiment state; an echo (a click or test
+        # function, a bound method) need not pickle, and a restored sweep prints anew.
+        return {**self.__dict__, "echo": print}
+
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         from orchestrator.tracking import GPU_TAG, _error_text
 

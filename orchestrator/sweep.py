@@ -7,7 +7,8 @@ wrnsweep's own files:
 * ``sweep.yaml``: the sweep file as given (resume re-reads it);
 * ``wrnsweep.json``: the resolved plan: tracking URI, experiment and parent run
   ids, registered model name, metric (the other commands read it);
-* ``mlflow-runs.json``: trial id -> MLflow run id and last epoch logged;
+* ``mlflow-runs.json`` (+ ``mlflow-runs.journal``, its append-only journal): trial id ->
+  MLflow run id and last epoch logged;
 * ``mlflow.db`` and ``mlartifacts/``: the embedded MLflow store, when no
   tracking URI is given.
 
