@@ -178,12 +178,15 @@ def _run_sweep(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
     use_token_if_present()  # before Ray is imported: joining a Ray 2.60 cluster needs it
     from orchestrator.config import ConfigError
-    from orchestrator.sweep import SweepError, SweepInputError
+    from orchestrator.sweep import SweepError, SweepInputError, SweepInterrupted
 
     try:
         return fn(*args, **kwargs)
     except (SweepInputError, ConfigError) as err:
         raise InvalidInput(str(err)) from None
+    except SweepInterrupted as err:
+        click.echo(f"Error: {err}", err=True)
+        sys.exit(130)  # the shell's code for "ended by SIGINT"
     except SweepError as err:
         raise click.ClickException(str(err)) from None
 

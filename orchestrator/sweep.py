@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +37,9 @@ CHECKPOINTS_TO_KEEP = 3  # best few by the metric; Ray always keeps the latest a
 
 Echo = Callable[[str], None]
 NO_AUTO_LOGGERS = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"  # Tune's switch, see _callbacks
+# Signals on which Tune saves the experiment and returns from fit (see _fit_until_signal).
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGUSR1")
+                      if hasattr(signal, name))
 
 
 class SweepError(RuntimeError):
@@ -43,6 +48,10 @@ class SweepError(RuntimeError):
 
 class SweepInputError(ValueError):
     """Input that is wrong before anything starts (exit code 2)."""
+
+
+class SweepInterrupted(RuntimeError):
+    """Ctrl-C (SIGINT) or SIGUSR1 stopped the sweep; Tune saved its state (exit code 130)."""
 
 
 def is_uri(path: str) -> bool:
@@ -417,6 +426,45 @@ def launch(cfg: SweepConfig, plan: Plan, *, echo: Echo = print,
     return finish(cfg, plan, results, echo=echo)
 
 
+def _fit_until_signal(tuner: Any) -> tuple[Any, bool]:
+    """``tuner.fit()``, and whether a signal (Ctrl-C, SIGUSR1) ended it before the sweep did.
+
+    On SIGINT or SIGUSR1, Tune saves the experiment state and returns from ``fit()``
+    as if the sweep had ended, its running trials marked TERMINATED in memory
+    (PENDING on disk, for a restore). Its handler, installed by ``fit()``, puts back
+    the SIGINT handler it found when it fires and stays installed otherwise, so a
+    marker installed here tells the two apart. The handlers found here are put back
+    afterwards: Tune's stale one would swallow a Ctrl-C during registration.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return tuner.fit(), False  # signals reach the main thread only; Tune installs none
+    previous = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
+
+    def marker(signum: int, frame: Any) -> None:  # a second Ctrl-C: what it did before
+        handler = previous[signal.SIGINT]
+        if callable(handler):
+            handler(signum, frame)
+        else:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, marker)
+    try:
+        results = tuner.fit()
+        interrupted = (signal.getsignal(signal.SIGINT) is marker
+                       and not os.environ.get("TUNE_DISABLE_SIGINT_HANDLER"))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return results, interrupted
+
+
+def _interrupted(plan: Plan, results: Any) -> SweepInterrupted:
+    """The error that ends a sweep stopped by a signal; its runs stay RUNNING for resume."""
+    return SweepInterrupted(
+        f"interrupted with {len(results)} of {plan.num_samples} trials started; the state is "
+        f"saved: `wrnsweep resume {plan.home}` continues the sweep")
+
+
 def _rounds(plan: Plan) -> list[tuple[str, str]]:
     """``(Tune experiment path, run-map file)`` of each round: the launch, then extends."""
     rounds = [(plan.experiment_path, RUNS_FILE)]
@@ -440,7 +488,8 @@ def _fit(cfg: SweepConfig, plan: Plan, searcher: Any, num_samples: int, trainabl
             search_alg=searcher, scheduler=create_scheduler(cfg), num_samples=num_samples,
             metric=plan.metric, mode=plan.mode, trial_dirname_creator=trial_dirname,
             # A new trial reuses a finished trial's worker when their resources match:
-            # torch is imported and the dataset fetched once per slot, not per trial.
+            # torch is imported once per slot, not per trial (the dataset is put in the
+            # object store once; each trial maps it from there).
             reuse_actors=True,
         ),
         run_config=tune.RunConfig(
@@ -458,12 +507,15 @@ def _fit(cfg: SweepConfig, plan: Plan, searcher: Any, num_samples: int, trainabl
     previous = os.environ.get(NO_AUTO_LOGGERS)
     os.environ[NO_AUTO_LOGGERS] = "1"
     try:
-        return tuner.fit()
+        results, interrupted = _fit_until_signal(tuner)
     finally:
         if previous is None:
             os.environ.pop(NO_AUTO_LOGGERS, None)
         else:
             os.environ[NO_AUTO_LOGGERS] = previous
+    if interrupted:
+        raise _interrupted(plan, results)
+    return results
 
 
 def extend(home: str, num_samples: int, *, echo: Echo = print,
@@ -561,7 +613,9 @@ def resume(home: str, *, echo: Echo = print, address: str | None = None) -> dict
     # The trainable must be wrapped exactly as at launch (resources, dataset).
     tuner = tune.Tuner.restore(path, trainable=_trainable(cfg, splits, has_gpu, plan),
                                resume_unfinished=True, resume_errored=True)
-    results = tuner.fit()
+    results, interrupted = _fit_until_signal(tuner)
+    if interrupted:
+        raise _interrupted(plan, results)
     return finish(cfg, plan, results, echo=echo)
 
 

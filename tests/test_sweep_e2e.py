@@ -192,11 +192,15 @@ def test_sweep_killed_with_sigkill_resumes_to_completion(tmp_path: Path) -> None
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started
     driver.wait(timeout=60)
 
-    home = tmp_path / "runs" / "e2e"
+    _assert_resumes_to_completion(tmp_path / "runs" / "e2e")
+
+
+def _assert_resumes_to_completion(home: Path) -> None:
+    """`wrnsweep resume` ends an interrupted sweep: num_samples runs, none twice or left RUNNING."""
     client, meta = client_for(home)
     assert client.get_run(meta["parent_run_id"]).info.status == "RUNNING"
 
-    resumed = wrnsweep("resume", str(home), cwd=tmp_path)
+    resumed = wrnsweep("resume", str(home), cwd=home.parent)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
 
     runs = child_runs(client, meta)
@@ -208,3 +212,32 @@ def test_sweep_killed_with_sigkill_resumes_to_completion(tmp_path: Path) -> None
         last = int(run.data.metrics["epoch"])
         assert epoch_steps(client, run.info.run_id) == list(range(1, last + 1))
     assert client.get_model_version_by_alias("e2e", "champion") is not None
+
+
+def test_ctrl_c_saves_the_sweep_for_resume_without_finishing_it(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT to the terminal's process group): exit 130 with the resume command,
+    no traceback, nothing registered, runs left RUNNING; `resume` then completes it."""
+    driver = subprocess.Popen(
+        [WRNSWEEP, "launch", str(TWO_ARCH), "--storage", str(tmp_path / "runs")],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True, env={**os.environ, "RAY_ADDRESS": ""})
+    assert driver.stdout is not None
+    seen = []
+    for line in driver.stdout:  # the progress lines, as they are printed
+        seen.append(line)
+        if " epoch 1/" in line:
+            break
+    else:
+        raise AssertionError("the sweep ended before it could be interrupted:\n"
+                             + "".join(seen[-20:]))
+    os.killpg(driver.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
+    stdout, stderr = driver.communicate(timeout=120)
+
+    assert driver.returncode == 130, stdout[-2000:] + stderr[-3000:]
+    assert "interrupted" in stderr and "wrnsweep resume" in stderr
+    assert "Traceback" not in stdout + stderr
+    assert "registered" not in stdout  # finish() did not run
+    home = tmp_path / "runs" / "e2e"
+    client, meta = client_for(home)
+    assert not client.search_registered_models(f"name = '{meta['registered_model']}'")
+    _assert_resumes_to_completion(home)
