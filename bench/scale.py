@@ -65,7 +65,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -75,12 +74,13 @@ import textwrap
 import threading
 import time
 from collections import defaultdict
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from bench._common import machine_lines  # noqa: E402  (needs REPO on sys.path)
 
 SIZES = (100, 300, 1000)
 CPUS = 2  # the local Ray's CPUs; trials take 1 CPU each, at most 2 at a time
@@ -394,21 +394,6 @@ def breakdown(r: dict[str, Any]) -> dict[str, float]:
     return parts
 
 
-def machine_lines() -> list[str]:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = " ".join(f"{pkg}={metadata.version(pkg)}" for pkg in ("ray", "optuna", "mlflow"))
-    return [f"machine: nproc={len(os.sched_getaffinity(0))} cpu={model!r} "
-            f"{platform.system()} {platform.machine()}",
-            f"python={platform.python_version()} {versions}"]
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)),
@@ -423,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
         child(int(args.child[0]), Path(args.child[1]))
         return
 
-    for line in machine_lines():
+    for line in machine_lines(("ray", "optuna", "mlflow")):
         print(line)
     sizes = [int(s) for s in args.sizes.split(",")]
     # Short path: Ray's unix sockets live under RAY_TMPDIR and must stay < 108 bytes.

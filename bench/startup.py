@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import re
 import shutil
 import signal
@@ -47,10 +46,13 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench._common import machine_lines  # noqa: E402  (needs REPO on sys.path)
+
 SMOKE = REPO / "search_spaces" / "smoke.yaml"
 WRNSWEEP = Path(sys.executable).with_name("wrnsweep")
 EPOCH_LINE = re.compile(r" epoch \d+/\d+ ")  # orchestrator.progress.ConsoleProgress
@@ -289,27 +291,12 @@ def breakdown(run: Launch) -> list[tuple[str, float]]:
     return rows
 
 
-def machine_lines() -> list[str]:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = " ".join(f"{pkg}={metadata.version(pkg)}"
-                        for pkg in ("torch", "ray", "optuna", "mlflow", "click"))
-    return [f"machine: nproc={CORES} cpu={model!r} {platform.system()} {platform.machine()}",
-            f"python={platform.python_version()} {versions}"]
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=3, help="plain launches (median)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folders")
     args = parser.parse_args(argv)
-    for line in machine_lines():
+    for line in machine_lines(("torch", "ray", "optuna", "mlflow", "click")):
         print(line)
 
     help_s, samples = time_help()

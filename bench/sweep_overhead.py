@@ -62,7 +62,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -73,11 +72,12 @@ import textwrap
 import threading
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from bench._common import machine_lines  # noqa: E402  (needs REPO on sys.path)
 
 TRIALS = 8
 EPOCHS = 5
@@ -405,22 +405,6 @@ def child_env(workdir: Path) -> dict[str, str]:
 
 
 # -- report ----------------------------------------------------------------------------------
-def machine_lines() -> list[str]:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = " ".join(f"{pkg}={metadata.version(pkg)}"
-                        for pkg in ("torch", "ray", "optuna", "mlflow"))
-    return [f"machine: nproc={len(os.sched_getaffinity(0))} cpu={model!r} "
-            f"{platform.system()} {platform.machine()}",
-            f"python={platform.python_version()} {versions}"]
-
-
 def load_average() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])

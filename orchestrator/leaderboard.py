@@ -41,11 +41,12 @@ def leaderboard(client: Any, plan: Any, *, top: int | None = None) -> list[dict[
     return rows[:top] if top else rows
 
 
-def _cell(value: Any) -> str:
+def format_cell(value: Any, digits: int = 4) -> str:
+    """A table cell: ``-`` for missing, floats to ``digits`` places, big counts with commas."""
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return f"{value:.{digits}f}"
     if isinstance(value, int) and value >= 10_000:
         return f"{value:,}"
     return str(value)
@@ -54,7 +55,7 @@ def _cell(value: Any) -> str:
 def format_table(rows: list[dict[str, Any]], metric: str) -> str:
     """A plain-text table; the ``best`` column is headed with the metric's name."""
     header = [c if c != "best" else f"best {metric}" for c in COLUMNS]
-    cells = [[_cell(row.get(c)) for c in COLUMNS] for row in rows]
+    cells = [[format_cell(row.get(c)) for c in COLUMNS] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
               for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]

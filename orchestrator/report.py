@@ -584,13 +584,9 @@ LEADERBOARD = ("rank", "run", "arch", "depth", "width", "dropout", "lr", "milest
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None or value == "n/a":
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    if isinstance(value, int) and value >= 10_000:
-        return f"{value:,}"
-    return str(value)
+    from orchestrator.leaderboard import format_cell
+
+    return "-" if value == "n/a" else format_cell(value, digits)
 
 
 def _param(value: str | None) -> str:
