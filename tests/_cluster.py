@@ -2,13 +2,16 @@
 
 Every node binds to 127.0.0.1. Nodes are told apart by their node-manager port,
 which appears on their raylet's command line, so a test can kill exactly one
-node's raylet by pid. `stop()` runs `ray stop --force`, which ends every Ray
-process of this user: the cluster tests must not share the machine with another
-Ray session (pytest runs them one after another).
+node's raylet by pid. Every node (the head too) has a temp dir of its own, and
+every process that `ray start` runs inherits a marker in its environment, so
+`stop()` ends this cluster's processes (the marked ones and their descendants,
+e.g. Ray's workers and agents, which rewrite their process titles) and leaves any
+other Ray session on the machine alone, where `ray stop --force` would end them all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -19,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -68,12 +72,65 @@ def pids_with(*needles: str, python_only: bool = False) -> list[int]:
     return found
 
 
+MARKER = "WRNSWEEP_TEST_CLUSTER"
+
+
+def _status(pid: int, field: str) -> str | None:
+    """One field of /proc/PID/status (None once the process is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def _parent(pid: int) -> int | None:
+    ppid = _status(pid, "PPid")
+    return int(ppid) if ppid else None
+
+
+def _alive(pid: int) -> bool:
+    state = _status(pid, "State")
+    return state is not None and not state.startswith(("Z", "X"))  # zombies have ended
+
+
+def cluster_pids(marker: str) -> set[int]:
+    """Processes that inherited ``MARKER=marker``, and all their descendants.
+
+    Descendants are added by parent pid: a process that sets its title (Ray's
+    ``ray::IDLE`` workers, its agents, the dashboard's modules) may overwrite the
+    environment block /proc shows, so the marker alone misses them.
+    """
+    needle = f"{MARKER}={marker}".encode()
+    parents: dict[int, int | None] = {}
+    found: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        pid = int(entry.name)
+        parents[pid] = _parent(pid)
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                found.add(pid)
+        except OSError:
+            continue  # ended meanwhile, or another user's
+    grew = True
+    while grew:
+        children = {pid for pid, parent in parents.items() if parent in found} - found
+        found |= children
+        grew = bool(children)
+    return found
+
+
 class LocalCluster:
     def __init__(self, workdir: Path, **node_env: str) -> None:
         self.workdir = workdir
+        self.marker = uuid.uuid4().hex
         # Ray 2.60 heads require a token; `ray start --address` only sends one in token
         # mode (the token itself is ~/.ray/auth_token, made by the first head).
-        self.env = env(RAY_AUTH_MODE="token", **node_env)
+        self.env = env(RAY_AUTH_MODE="token", **{MARKER: self.marker}, **node_env)
         self.port = free_port()
         self.dashboard_port = free_port()
         self.worker_ports: list[int] = []
@@ -92,10 +149,17 @@ class LocalCluster:
                                 env=self.env, cwd=self.workdir, timeout=180)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 
+    def _temp_dir(self) -> str:
+        # Short, under /tmp: Ray's unix socket paths must stay below 108 characters.
+        temp_dir = tempfile.mkdtemp(prefix="rayn", dir="/tmp")
+        self.temp_dirs.append(temp_dir)
+        return temp_dir
+
     def start_head(self, num_cpus: int) -> LocalCluster:
         self._ray("start", "--head", f"--port={self.port}", "--node-ip-address=127.0.0.1",
                   f"--num-cpus={num_cpus}", "--num-gpus=0", "--include-dashboard=true",
-                  f"--dashboard-port={self.dashboard_port}", "--disable-usage-stats")
+                  f"--dashboard-port={self.dashboard_port}", "--disable-usage-stats",
+                  f"--temp-dir={self._temp_dir()}")
         return self
 
     def add_worker(self, num_cpus: int, *, hide: Path | None = None) -> int:
@@ -107,9 +171,7 @@ class LocalCluster:
         port = free_port()
         # A temp dir of its own, as on a separate machine: two nodes sharing one would
         # unpack job working_dirs into the same folder, deleting each other's cwd.
-        # Short, under /tmp: Ray's unix socket paths must stay below 108 characters.
-        temp_dir = tempfile.mkdtemp(prefix="rayw", dir="/tmp")
-        self.temp_dirs.append(temp_dir)
+        temp_dir = self._temp_dir()
         args = ["start", f"--address={self.address}", "--node-ip-address=127.0.0.1",
                 f"--num-cpus={num_cpus}", "--num-gpus=0", f"--node-manager-port={port}",
                 f"--temp-dir={temp_dir}", "--disable-usage-stats"]
@@ -134,8 +196,16 @@ class LocalCluster:
         return pids[0]
 
     def stop(self) -> None:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True,
-                       env=self.env, timeout=120)
+        """SIGKILL this cluster's processes (what `ray stop --force` does, to every Ray)."""
+        for _ in range(10):  # a process may fork while the others are being killed
+            pids = cluster_pids(self.marker)
+            if not pids:
+                break
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            wait_for(lambda pids=pids: not any(_alive(p) for p in pids), 30,
+                     "the cluster's processes to end")
         for folder in self.temp_dirs:
             shutil.rmtree(folder, ignore_errors=True)
 
