@@ -202,12 +202,29 @@ tracking_option = click.option(
 
 
 @main.command()
-@click.argument("sweep_file", type=click.Path(dir_okay=False))
-def validate(sweep_file: str) -> None:
-    """Check a sweep file without starting anything (exit 2 with FILE:LINE: key: message)."""
-    cfg = _load_sweep_or_exit(sweep_file)
-    click.echo(f"{sweep_file}: ok ({', '.join(cfg.arch_names())}; "
-               f"{cfg.search.num_samples} trials)")
+@click.argument("sweep_files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+def validate(sweep_files: tuple[str, ...]) -> None:
+    """Check sweep files without starting anything (exit 2 with FILE:LINE: key: message).
+
+    Every file is checked and every problem printed; the exit code is 2 if any
+    file is bad.
+    """
+    from orchestrator.config import ConfigError, load_sweep
+
+    bad = 0
+    for sweep_file in sweep_files:
+        try:
+            cfg = load_sweep(sweep_file)
+        except ConfigError as err:
+            click.echo(f"Error: invalid sweep file\n{err}", err=True)
+            bad += 1
+            continue
+        click.echo(f"{sweep_file}: ok ({', '.join(cfg.arch_names())}; "
+                   f"{cfg.search.num_samples} trials)")
+    if bad and len(sweep_files) > 1:
+        raise InvalidInput(f"{bad} of {len(sweep_files)} sweep files are invalid")
+    if bad:
+        sys.exit(2)  # the file's problems are printed above
 
 
 @main.command()

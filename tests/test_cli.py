@@ -85,6 +85,20 @@ def test_validate_accepts_every_shipped_file(tmp_path: Path) -> None:
     assert not _ray_started(tmp_path)
 
 
+def test_validate_checks_every_file_it_is_given(tmp_path: Path) -> None:
+    """``wrnsweep validate A B C``: each file checked, every problem printed, exit 2 if any."""
+    good = str(SHIPPED[0].relative_to(ROOT))
+    bad = sorted((ROOT / "tests" / "bad_sweeps").glob("*.yaml"))[:2]
+    ran = _cli(tmp_path, "validate", good, *(str(p.relative_to(ROOT)) for p in bad))
+    assert ran.returncode == 2, ran.stderr
+    assert f"{good}: ok (" in ran.stdout
+    for path in bad:
+        assert f"{path.relative_to(ROOT)}:" in ran.stderr
+    assert "2 of 3 sweep files are invalid" in ran.stderr and "Traceback" not in ran.stderr
+    everything = _cli(tmp_path, "validate", *(str(p.relative_to(ROOT)) for p in SHIPPED))
+    assert everything.returncode == 0 and everything.stdout.count(": ok (") == len(SHIPPED)
+
+
 def _expected_lines(path: Path) -> list[tuple[str, str]]:
     """(``FILE:LINE: KEY: `` prefix, message fragment) from the file's ``# expect:`` lines."""
     rel = path.relative_to(ROOT)
