@@ -7,9 +7,11 @@ inside the commands that need them so that ``wrnsweep --help`` stays fast.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +191,60 @@ def _run_sweep(fn: Any, *args: Any, **kwargs: Any) -> Any:
         sys.exit(130)  # the shell's code for "ended by SIGINT"
     except SweepError as err:
         raise click.ClickException(str(err)) from None
+    except Exception as err:  # the tracking store failed mid-way (a server went away)
+        from mlflow.exceptions import MlflowException
+
+        if not isinstance(err, MlflowException):
+            raise
+        raise click.ClickException(str(err).strip().splitlines()[0]) from None
+
+
+def _from_environment(param: str) -> bool:
+    """Whether ``param`` of the running command came from its environment variable."""
+    ctx = click.get_current_context(silent=True)
+    return ctx is not None and \
+        ctx.get_parameter_source(param) is click.core.ParameterSource.ENVIRONMENT
+
+
+def _check_store(tracking_uri: str) -> None:
+    """Refuse a local tracking store that does not exist, before MLflow creates an empty one.
+
+    Read-only commands (best, report, ui, export) pointed at a mistyped SQLite path
+    would otherwise create the database, print MLflow's schema messages and then
+    find nothing.
+    """
+    from orchestrator.tracking import local_store_path
+
+    path = local_store_path(tracking_uri)
+    if path is not None and not path.exists():
+        raise InvalidInput(f"{tracking_uri}: no such tracking store ({path} does not exist)")
+
+
+@contextlib.contextmanager
+def _tracking_errors(*, missing_is_input: bool = False) -> Iterator[None]:
+    """A tracking store's failures as one line (exit 1), a sweep folder's as bad input (2).
+
+    ``missing_is_input``: MLflow's "does not exist" (an unknown model, alias or run
+    named on the command line) is bad input too. MLflow's HTTP retries are turned off
+    first (as for a sweep): an unreachable server fails in seconds, not minutes.
+    """
+    from orchestrator.sweep import SweepInputError, tracking_env
+
+    tracking_env()
+    try:
+        yield
+    except SweepInputError as err:
+        raise InvalidInput(str(err)) from None
+    except Exception as err:
+        from mlflow.exceptions import MlflowException
+
+        if not isinstance(err, MlflowException):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if missing_is_input and getattr(err, "error_code", None) in (
+                "RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise InvalidInput(first) from None
+        raise click.ClickException(first) from None
 
 
 address_option = click.option(
@@ -284,12 +340,21 @@ def _plan_for(target: str, tracking_uri: str | None) -> Any:
 
     if Path(target).is_dir():
         plan = Plan.load(target)
-        if tracking_uri:
+        # The folder records where its runs are: an MLFLOW_TRACKING_URI exported for
+        # other work must not redirect it (an explicit --tracking-uri does: a moved store).
+        if tracking_uri and not _from_environment("tracking_uri"):
+            _check_store(tracking_uri)
             plan.tracking_uri = tracking_uri
         return plan
     if not tracking_uri:
         raise InvalidInput(f"{target}: no such sweep folder (give a folder, or a sweep name "
                            "with --tracking-uri)")
+    from orchestrator.config import SWEEP_NAME
+
+    if not SWEEP_NAME.fullmatch(target):
+        raise InvalidInput(f"{target}: no such sweep folder, and not a sweep name (names are "
+                           "letters, digits, '_', '.' and '-')")
+    _check_store(tracking_uri)
     from orchestrator.tracking import SWEEP_TAG, mlflow_client
 
     client = mlflow_client(tracking_uri)
@@ -320,8 +385,9 @@ def best(target: str, top: int | None, as_json: bool, tracking_uri: str | None) 
 
     if top is not None and top < 1:
         raise InvalidInput(f"--top must be >= 1, got {top}")
-    plan = _plan_for(target, tracking_uri)
-    rows = leaderboard(mlflow_client(plan.tracking_uri), plan, top=top)
+    with _tracking_errors():
+        plan = _plan_for(target, tracking_uri)
+        rows = leaderboard(mlflow_client(plan.tracking_uri), plan, top=top)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
@@ -343,20 +409,13 @@ def report(target: str, out: str | None, tracking_uri: str | None) -> None:
     hyperparameter importances (Optuna fANOVA).
     """
     from orchestrator.report import ARTIFACT_DIR, write_report
-    from orchestrator.sweep import SweepInputError
     from orchestrator.tracking import mlflow_client
 
-    try:
+    with _tracking_errors():  # an unreachable store, a deleted run: one line, exit 1
         plan = _plan_for(target, tracking_uri)
         folder = Path(out) if out else (Path(target) / "report" if Path(target).is_dir()
                                         else Path(f"report-{plan.name}"))
         result = write_report(mlflow_client(plan.tracking_uri), plan, folder)
-    except SweepInputError as err:
-        raise InvalidInput(str(err)) from None
-    except Exception as err:  # MlflowException: tracking store unreachable, run deleted
-        if type(err).__name__ == "MlflowException":
-            raise click.ClickException(str(err).splitlines()[0]) from None
-        raise
     click.echo(f"report written to {result.html.resolve()} ({len(result.figures)} figures "
                f"beside it); logged to run {plan.parent_run_id} under {ARTIFACT_DIR}/")
 
@@ -376,16 +435,9 @@ def ui_command(target: str, port: int, host: str, tracking_uri: str | None) -> N
     URL, nothing started. Either way it prints the URL of the sweep's runs.
     """
     from orchestrator import ui
-    from orchestrator.sweep import SweepInputError
 
-    try:
+    with _tracking_errors():  # the server to look the name up in failed: one line, exit 1
         plan = _plan_for(target, tracking_uri)
-    except SweepInputError as err:
-        raise InvalidInput(str(err)) from None
-    except Exception as err:  # MlflowException: the server to look the name up in failed
-        if type(err).__name__ == "MlflowException":
-            raise click.ClickException(str(err).splitlines()[0]) from None
-        raise
     if ui.is_server(plan.tracking_uri):
         click.echo(f"MLflow UI: {ui.experiment_url(plan.tracking_uri, plan.experiment_id)}")
         return
@@ -514,29 +566,47 @@ def jobs_stop(job_id: str, address: str) -> None:
     click.echo(f"job {job_id}: {'stop requested' if stopped else 'was not running'}")
 
 
+EXPORT_SUFFIXES = {"torchscript": (".pt", ".pth", ".ts"), "onnx": (".onnx",),
+                   "state_dict": (".safetensors",)}
+
+
+def _export_format(out: str, fmt: str | None) -> str:
+    """The format asked for, or the one ``out``'s suffix names; a mismatch is refused."""
+    suffix = Path(out).suffix.lower()
+    named = next((f for f, suffixes in EXPORT_SUFFIXES.items() if suffix in suffixes), None)
+    if fmt is None:
+        return named or "torchscript"
+    if named is not None and named != fmt:
+        raise InvalidInput(f"--out {out} names a {named} file, but --format is {fmt}")
+    return fmt
+
+
 @main.command(name="export")
 @click.argument("model_uri")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="File to write (.pt for torchscript, .onnx, .safetensors).")
-@click.option("--format", "fmt", type=click.Choice(["torchscript", "onnx", "state_dict"]),
-              default="torchscript", show_default=True,
+@click.option("--format", "fmt", type=click.Choice(list(EXPORT_SUFFIXES)), default=None,
               help="torchscript/onnx: BN and Dirac terms folded for inference; state_dict: "
-                   "the registry's unfolded weights.")
+                   "the registry's unfolded weights [default: from --out's suffix, else "
+                   "torchscript].")
 @tracking_option
-def export_command(model_uri: str, out: str, fmt: str, tracking_uri: str | None) -> None:
+def export_command(model_uri: str, out: str, fmt: str | None, tracking_uri: str | None) -> None:
     """Export MODEL_URI (models:/NAME@champion, models:/NAME/V, runs:/..., or a folder)."""
     from orchestrator.export import export_model
 
+    fmt = _export_format(out, fmt)
+    if model_uri.startswith(("models:/", "runs:/")):
+        if not tracking_uri:
+            raise InvalidInput(f"{model_uri}: give the sweep's store with --tracking-uri (e.g. "
+                               "sqlite:///runs/NAME/mlflow.db) or MLFLOW_TRACKING_URI")
+        _check_store(tracking_uri)
     try:
-        result = export_model(model_uri, out, fmt=fmt, tracking_uri=tracking_uri)
+        with _tracking_errors(missing_is_input=True):
+            result = export_model(model_uri, out, fmt=fmt, tracking_uri=tracking_uri)
     except (ValueError, FileNotFoundError, ImportError) as err:
         raise InvalidInput(str(err)) from None
     except RuntimeError as err:
         raise click.ClickException(str(err)) from None
-    except Exception as err:  # MlflowException: unknown model, alias or run
-        if type(err).__name__ == "MlflowException":
-            raise InvalidInput(str(err).splitlines()[0]) from None
-        raise
     click.echo(f"wrote {result.path} ({result.format}): {result.folded_bn} BN folded into "
                f"convs, {result.affine_bn} as affine; max abs difference vs the unfolded "
                f"model {result.max_abs_diff:.3g}")

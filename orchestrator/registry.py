@@ -67,11 +67,13 @@ def write_model_folder(state: dict[str, Any], folder: Path) -> Path:
 
 
 def register(client: Any, name: str, candidates: list[Candidate], *,
-             metric: str) -> list[Any]:
+             metric: str, sweep_run_ids: set[str] | frozenset[str] = frozenset()) -> list[Any]:
     """Register ``candidates`` (best first) as versions of ``name``; alias the first.
 
     A run registered before (an extended sweep registers again after each round)
-    keeps its version, re-ranked, rather than getting a duplicate.
+    keeps its version, re-ranked, rather than getting a duplicate; a version of one
+    of ``sweep_run_ids`` (the sweep's trials) that is no longer among the candidates
+    loses its ``rank`` tag, so no two versions claim the same rank.
 
     Returns the created ModelVersion objects in the same order.
     """
@@ -104,9 +106,21 @@ def register(client: Any, name: str, candidates: list[Candidate], *,
         }
         version = client.create_model_version(name, source, run_id=cand.run_id, tags=tags)
         versions.append(version)
+    chosen = {cand.run_id for cand in candidates}
+    for stale in _versions_of(client, name, sweep_run_ids - chosen):
+        if "rank" in (stale.tags or {}):
+            client.delete_model_version_tag(name, stale.version, "rank")
     if versions:
         client.set_registered_model_alias(name, CHAMPION, versions[0].version)
     return versions
+
+
+def _versions_of(client: Any, name: str, run_ids: set[str]) -> list[Any]:
+    """The versions of ``name`` made from any of ``run_ids``."""
+    if not run_ids:
+        return []
+    return [v for v in client.search_model_versions(f"name='{name}'", max_results=10_000)
+            if v.run_id in run_ids]
 
 
 def resolve_source(uri: str, tracking_uri: str | None) -> str:

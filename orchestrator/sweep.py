@@ -18,12 +18,15 @@ folder ``./runs/<name>/`` on the driver instead.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import threading
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,6 +105,12 @@ def make_plan(cfg: SweepConfig, *, sweep_file: str, address: str | None = None,
     """Apply command-line overrides to the sweep file's settings."""
     if num_samples is not None and num_samples < 1:
         raise SweepInputError(f"--num-samples must be >= 1, got {num_samples}")
+    if name is not None:
+        from orchestrator.config import SWEEP_NAME, SWEEP_NAME_RULE
+
+        if not SWEEP_NAME.fullmatch(name):
+            raise SweepInputError(f"--name must match {SWEEP_NAME_RULE} (it names the output "
+                                  f"folder, the MLflow experiment and model), got {name!r}")
     sweep_name = name or cfg.name
     storage_path = storage or cfg.ray.storage_path or "runs"
     if not is_uri(storage_path):
@@ -160,9 +169,13 @@ def resources_fn(cfg: SweepConfig, *, cluster_has_gpu: bool,
 def describe_plan(cfg: SweepConfig, plan: Plan) -> str:
     """The resolved plan as text (``launch --dry-run``)."""
     from orchestrator.search import asha_rungs, max_epochs, n_startup_trials
-    from orchestrator.space import describe
+    from orchestrator.space import describe, grid_points
 
-    lines = [f"sweep {plan.name}: {plan.num_samples} trials, {cfg.search.algorithm} search "
+    # What launch will run: --num-samples applied (it sizes TPE's start-up), and a
+    # grid runs each of its points once whatever num_samples says.
+    cfg = with_num_samples(cfg, plan.num_samples)
+    trials = len(grid_points(cfg)) if cfg.search.algorithm == "grid" else plan.num_samples
+    lines = [f"sweep {plan.name}: {trials} trials, {cfg.search.algorithm} search "
              f"on {plan.metric} ({plan.mode}), at most {cfg.search.max_concurrent} at once"]
     if cfg.search.algorithm == "tpe":
         lines.append(f"  TPE start-up: {n_startup_trials(cfg)} random trials, seed "
@@ -194,7 +207,10 @@ def describe_plan(cfg: SweepConfig, plan: Plan) -> str:
         lines.append(f"starting points: {len(cfg.search.points_to_evaluate)}")
     lines += [
         f"ray: {'local (started here)' if not plan.address else plan.address}",
-        f"results: {plan.experiment_path}",
+        f"results: {plan.experiment_path}" + (
+            " (exists: launch would refuse it; `wrnsweep resume` continues it)"
+            if not is_uri(plan.experiment_path) and Path(plan.experiment_path).exists()
+            else ""),
         f"tracking: {plan.tracking_uri} (experiment '{plan.experiment}')",
         f"registry: top {plan.top_k} as '{plan.registered_model}', alias champion on the best",
     ]
@@ -328,7 +344,7 @@ def _trainable(cfg: SweepConfig, splits: Any, has_gpu: bool, plan: Plan,
         cfg, cluster_has_gpu=has_gpu, gpu_memory_bytes=plan.extra.get("gpu_memory_bytes")))
 
 
-def _tracking_env() -> None:
+def tracking_env() -> None:
     """Fail fast on an unreachable server: BufferedWriter retries without blocking Tune.
 
     MLflow's own HTTP retries (7 with back-off, 120 s timeout) would stall the
@@ -338,10 +354,31 @@ def _tracking_env() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
+def _probe_tracking(tracking_uri: str) -> None:
+    """Refuse a tracking server that cannot be reached, before Ray starts or a file is written.
+
+    A local store (the default SQLite in the sweep folder) is created by the launch;
+    a server is asked for one experiment, without MLflow's retries (seconds, not minutes).
+    """
+    from mlflow.exceptions import MlflowException
+
+    from orchestrator.tracking import local_store_path, mlflow_client
+
+    if local_store_path(tracking_uri) is not None:
+        return
+    tracking_env()
+    try:
+        mlflow_client(tracking_uri).search_experiments(max_results=1)
+    except MlflowException as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SweepInputError(f"cannot use the tracking store {tracking_uri}: {first}") \
+            from None
+
+
 def _start_tracking(cfg: SweepConfig, plan: Plan) -> None:
     from orchestrator.tracking import SWEEP_TAG, ensure_experiment, git_commit, mlflow_client
 
-    _tracking_env()
+    tracking_env()
     client = mlflow_client(plan.tracking_uri)
     artifacts = None
     if plan.tracking_uri.startswith("sqlite:"):
@@ -365,7 +402,8 @@ def _start_tracking(cfg: SweepConfig, plan: Plan) -> None:
 
 
 def _callbacks(cfg: SweepConfig, plan: Plan, echo: Echo, runs_file: str = RUNS_FILE,
-               num_samples: int | None = None) -> list:
+               num_samples: int | None = None,
+               best_so_far: tuple[float, str] | None = None) -> list:
     from orchestrator.progress import ConsoleProgress
     from orchestrator.tracking import SweepTracker
 
@@ -379,13 +417,13 @@ def _callbacks(cfg: SweepConfig, plan: Plan, echo: Echo, runs_file: str = RUNS_F
 
     progress = ConsoleProgress(metric=plan.metric, mode=plan.mode,
                                num_samples=num_samples or plan.num_samples, echo=echo)
+    progress.best = best_so_far  # an extension's "best so far" counts the earlier rounds
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     # Tune's CSV and JSON result files (what Tune and `finish` read back), but not its
     # TensorBoard event files: nothing here reads them, and writing them cost the
     # driver ~9 ms per trial (bench/scale.py). Given explicitly, with Tune's automatic
-    # loggers off while `_fit` runs; `resume` leaves Tune's default (the loggers were
-    # pickled at launch).
+    # loggers off while a fit runs (`_explicit_loggers_only`, resume included).
     # OOM escalation first: the tracker then records the retry with the new share.
     return [OomEscalation(tracker, echo), tracker, progress, CSVLoggerCallback(),
             JsonLoggerCallback()]
@@ -409,21 +447,50 @@ def launch(cfg: SweepConfig, plan: Plan, *, echo: Echo = print,
     splits = _load_splits(cfg)  # before Ray starts: a missing dataset is bad input
     searcher, num_samples = create_searcher(cfg, study_name=plan.name)
     plan.num_samples = num_samples
+    _probe_tracking(plan.tracking_uri)
     _start_ray(plan.address)
     has_gpu = _check_cluster(cfg, plan)
     for key in ("fit_warning", "tracking_note"):
         if key in plan.extra:
             echo(("note: " if key == "tracking_note" else "warning: ") + plan.extra[key])
-    Path(plan.home).mkdir(parents=True, exist_ok=True)
-    (Path(plan.home) / SWEEP_FILE).write_text(cfg.source_text)
-    _start_tracking(cfg, plan)
-    plan.save()
+    home = Path(plan.home)
+    created = not home.exists()
+    home.mkdir(parents=True, exist_ok=True)
+    try:
+        (home / SWEEP_FILE).write_text(cfg.source_text)
+        _start_tracking(cfg, plan)
+        plan.save()
+    except BaseException:
+        # A folder without its plan could be neither launched again nor resumed.
+        if created:
+            shutil.rmtree(home, ignore_errors=True)
+        raise
     echo(f"sweep {plan.name}: {num_samples} trials -> {plan.experiment_path}")
     echo(f"tracking: {plan.tracking_uri} (experiment '{plan.experiment}', run "
          f"{plan.parent_run_id})")
     results = _fit(cfg, plan, searcher, num_samples,
                    _trainable(cfg, splits, has_gpu, plan, trainable), None, echo)
     return finish(cfg, plan, results, echo=echo)
+
+
+@contextlib.contextmanager
+def _explicit_loggers_only() -> Iterator[None]:
+    """Tune's automatic result loggers off while a sweep's fit runs.
+
+    The sweep passes Tune's CSV and JSON loggers itself (see ``_callbacks``); Tune
+    would add its TensorBoard logger, on a resume too (the restored callbacks are the
+    launch's). Tune reads the switch when fit() creates the callbacks; it is set only
+    meanwhile, so that a plain Tuner later in the same process gets Tune's defaults.
+    """
+    previous = os.environ.get(NO_AUTO_LOGGERS)
+    os.environ[NO_AUTO_LOGGERS] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(NO_AUTO_LOGGERS, None)
+        else:
+            os.environ[NO_AUTO_LOGGERS] = previous
 
 
 def _fit_until_signal(tuner: Any) -> tuple[Any, bool]:
@@ -461,8 +528,8 @@ def _fit_until_signal(tuner: Any) -> tuple[Any, bool]:
 def _interrupted(plan: Plan, results: Any) -> SweepInterrupted:
     """The error that ends a sweep stopped by a signal; its runs stay RUNNING for resume."""
     return SweepInterrupted(
-        f"interrupted with {len(results)} of {plan.num_samples} trials started; the state is "
-        f"saved: `wrnsweep resume {plan.home}` continues the sweep")
+        f"interrupted ({len(results)} trials of this run started); the state is saved: "
+        f"`wrnsweep resume {plan.home}` continues the sweep")
 
 
 def _rounds(plan: Plan) -> list[tuple[str, str]]:
@@ -474,7 +541,8 @@ def _rounds(plan: Plan) -> list[tuple[str, str]]:
 
 
 def _fit(cfg: SweepConfig, plan: Plan, searcher: Any, num_samples: int, trainable: Any,
-         round_: tuple[str, str] | None, echo: Echo) -> Any:
+         round_: tuple[str, str] | None, echo: Echo,
+         best_so_far: tuple[float, str] | None = None) -> Any:
     """Build the Tuner of one round and run it; Tune's ResultGrid."""
     from ray import tune
 
@@ -494,7 +562,7 @@ def _fit(cfg: SweepConfig, plan: Plan, searcher: Any, num_samples: int, trainabl
         ),
         run_config=tune.RunConfig(
             name=name, storage_path=storage, verbose=0,
-            callbacks=_callbacks(cfg, plan, echo, runs_file, num_samples),
+            callbacks=_callbacks(cfg, plan, echo, runs_file, num_samples, best_so_far),
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=CHECKPOINTS_TO_KEEP, checkpoint_score_attribute=plan.metric,
                 checkpoint_score_order=plan.mode),
@@ -502,17 +570,8 @@ def _fit(cfg: SweepConfig, plan: Plan, searcher: Any, num_samples: int, trainabl
             failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures),
         ),
     )
-    # Read when fit() creates the callbacks; set only meanwhile, so that a plain Tuner
-    # later in the same process still gets Tune's default loggers.
-    previous = os.environ.get(NO_AUTO_LOGGERS)
-    os.environ[NO_AUTO_LOGGERS] = "1"
-    try:
+    with _explicit_loggers_only():
         results, interrupted = _fit_until_signal(tuner)
-    finally:
-        if previous is None:
-            os.environ.pop(NO_AUTO_LOGGERS, None)
-        else:
-            os.environ[NO_AUTO_LOGGERS] = previous
     if interrupted:
         raise _interrupted(plan, results)
     return results
@@ -536,7 +595,7 @@ def extend(home: str, num_samples: int, *, echo: Echo = print,
     if num_samples < 1:
         raise SweepInputError(f"--num-samples must be >= 1, got {num_samples}")
     plan = Plan.load(home)
-    _tracking_env()
+    tracking_env()
     cfg = load_sweep(Path(plan.home) / SWEEP_FILE)
     if cfg.search.algorithm == "grid":
         raise SweepInputError(f"{home}: a grid sweep has run every point; extend needs a "
@@ -559,8 +618,10 @@ def extend(home: str, num_samples: int, *, echo: Echo = print,
     client = _reopen_parent(plan, name, num_samples)
     echo(f"extending sweep {plan.name} by {num_samples} trials -> {plan.experiment_path}/{name}"
          f" (parent run {plan.parent_run_id}, {client.get_experiment(plan.experiment_id).name})")
+    earlier = client.get_run(plan.parent_run_id).data.metrics.get(f"best_{plan.metric}")
     results = _fit(cfg, plan, searcher, num_samples, _trainable(cfg, splits, has_gpu, plan),
-                   _rounds(plan)[-1], echo)
+                   _rounds(plan)[-1], echo,
+                   best_so_far=None if earlier is None else (earlier, "earlier rounds"))
     return finish(cfg, plan, results, echo=echo)
 
 
@@ -599,7 +660,7 @@ def resume(home: str, *, echo: Echo = print, address: str | None = None) -> dict
     from ray import tune
 
     plan = Plan.load(home)
-    _tracking_env()
+    tracking_env()
     path, _ = _rounds(plan)[-1]
     cfg = load_sweep(Path(plan.home) / SWEEP_FILE)
     if address is not None:
@@ -610,10 +671,15 @@ def resume(home: str, *, echo: Echo = print, address: str | None = None) -> dict
     _start_ray(plan.address)
     has_gpu = _check_cluster(cfg, plan)
     echo(f"resuming sweep {plan.name} from {path}")
+    # A trial resumed from its last checkpoint may report again an epoch that Optuna
+    # was told before the driver stopped: Optuna keeps the first value, and says so.
+    warnings.filterwarnings("ignore", category=UserWarning,
+                            message="The reported value is ignored because this step")
     # The trainable must be wrapped exactly as at launch (resources, dataset).
     tuner = tune.Tuner.restore(path, trainable=_trainable(cfg, splits, has_gpu, plan),
                                resume_unfinished=True, resume_errored=True)
-    results, interrupted = _fit_until_signal(tuner)
+    with _explicit_loggers_only():
+        results, interrupted = _fit_until_signal(tuner)
     if interrupted:
         raise _interrupted(plan, results)
     return finish(cfg, plan, results, echo=echo)
@@ -674,8 +740,9 @@ def finish(cfg: SweepConfig, plan: Plan, results: Any, *, echo: Echo = print) ->
         chosen.append(Candidate(run_id=runs[trial_id]["run_id"], trial_id=trial_id,
                                 score=score, config=result.config, state=state,
                                 test_acc=(result.metrics or {}).get("test_acc")))
-    versions = register(client, plan.registered_model, chosen, metric=plan.metric) if chosen \
-        else []
+    sweep_run_ids = {entry["run_id"] for entry in runs.values() if entry.get("run_id")}
+    versions = register(client, plan.registered_model, chosen, metric=plan.metric,
+                        sweep_run_ids=sweep_run_ids) if chosen else []
     errors = sum(1 for r in results if r.error)
     status = "FINISHED" if chosen else "FAILED"
     if plan.parent_run_id:

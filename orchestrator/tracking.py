@@ -177,6 +177,29 @@ def mlflow_client(tracking_uri: str) -> Any:
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
+def local_store_path(tracking_uri: str) -> Path | None:
+    """The file or folder of a local tracking store (SQLite database, file store).
+
+    None for a server (http, https, databricks, ...), whose existence only a request
+    can tell.
+    """
+    from urllib.parse import urlparse
+
+    parsed = urlparse(tracking_uri)
+    if tracking_uri.startswith("databricks"):  # "databricks" or "databricks://profile"
+        return None
+    if parsed.scheme == "sqlite":
+        # sqlite:///relative.db and sqlite:////absolute.db (SQLAlchemy's forms)
+        rest = tracking_uri[len("sqlite:///"):] if tracking_uri.startswith("sqlite:///") \
+            else parsed.path
+        return Path(rest.split("?", 1)[0]) if rest and rest != ":memory:" else None
+    if parsed.scheme == "file":
+        return Path(parsed.path)
+    if not parsed.scheme or len(parsed.scheme) == 1:  # a bare path (or C:\ on Windows)
+        return Path(tracking_uri)
+    return None
+
+
 def git_commit(cwd: str | os.PathLike[str] | None = None) -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,

@@ -180,6 +180,20 @@ def test_dry_run_prints_the_plan_and_creates_nothing(tmp_path: Path) -> None:
     assert not _ray_started(tmp_path)
 
 
+def test_dry_run_says_what_launch_will_do(tmp_path: Path) -> None:
+    """--num-samples sizes TPE's random start-up in the plan as in the launch, and a
+    results folder that exists is named as one launch would refuse."""
+    store = (tmp_path / "store").resolve()
+    (store / "smoke").mkdir(parents=True)
+    ran = _cli(tmp_path, "launch", "search_spaces/smoke.yaml", "--dry-run", "--storage",
+               str(store), "--num-samples", "40")
+    assert ran.returncode == 0, ran.stderr
+    assert "sweep smoke: 40 trials" in ran.stdout
+    assert "TPE start-up: 10 random trials" in ran.stdout  # a quarter of 40
+    assert f"results: {store}/smoke (exists: launch would refuse it" in ran.stdout
+    assert not _ray_started(tmp_path)
+
+
 # ------------------------------------------------------------------ resume / best
 
 
@@ -199,6 +213,48 @@ def test_resume_and_best_refuse_what_is_not_a_sweep(tmp_path: Path) -> None:
         assert "Traceback" not in ran.stderr
     assert not _ray_started(tmp_path)
     assert list(plain.iterdir()) == []
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # bound, then closed: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_bad_names_and_stores_exit_2_before_anything_starts(tmp_path: Path) -> None:
+    """A --name that is no folder/MLflow name, an unreachable tracking server, a missing
+    SQLite store, a sweep name with a quote, a folder that is not a sweep: exit 2 with
+    one line, no traceback, no folder or database created, Ray never started."""
+    store = tmp_path / "store"
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    missing_db = tmp_path / "nodir" / "nope.db"
+    smoke = ["launch", "search_spaces/smoke.yaml", "--storage", str(store)]
+    runs = _cli_many(
+        tmp_path,
+        [*smoke, "--name", "it's"],
+        [*smoke, "--name", ".."],
+        [*smoke, "--tracking-uri", f"http://127.0.0.1:{_closed_port()}"],
+        ["best", str(plain)],
+        ["best", "smoke", "--tracking-uri", f"sqlite:///{missing_db}"],
+        ["best", "it's", "--tracking-uri", f"sqlite:///{missing_db}"],
+        ["export", "models:/smoke@champion", "--out", str(tmp_path / "m.pt")],
+        ["export", "models:/smoke@champion", "--out", str(tmp_path / "m.onnx"),
+         "--format", "torchscript", "--tracking-uri", f"sqlite:///{missing_db}"],
+    )
+    expected = ["--name must match", "--name must match", "cannot use the tracking store",
+                "not a wrnsweep sweep folder", "no such tracking store", "not a sweep name",
+                "--tracking-uri", "names a onnx file"]
+    for ran, text in zip(runs, expected, strict=True):
+        assert ran.returncode == 2, (ran.args, ran.stdout, ran.stderr)
+        assert text in ran.stderr, (ran.args, ran.stderr)
+        assert "Traceback" not in ran.stderr + ran.stdout, ran.stderr
+        assert ran.seconds < 60, ran.args
+    assert not store.exists() and not missing_db.parent.exists()
+    assert list(plain.iterdir()) == []
+    assert not _ray_started(tmp_path)
 
 
 # ---------------------------------------------------------------------- help

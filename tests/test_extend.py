@@ -10,6 +10,7 @@ import glob
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,7 +46,20 @@ def extended(tmp_path_factory) -> dict:
     before = [(t.number, t.params, t.state) for t in study_of(home).trials]
     result = wrnsweep("extend", str(home), "--num-samples", "2", cwd=work)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return {"home": home, "before": before, "result": result, "work": work}
+    return {"home": home, "before": before, "result": result, "work": work,
+            "launched": launched}
+
+
+def _best_so_far(stdout: str) -> list[float]:
+    """The "best val_acc V" of each progress line."""
+    return [float(v) for v in re.findall(r"\| best val_acc ([0-9.]+) \(", stdout)]
+
+
+def test_extend_progress_counts_the_earlier_rounds_best(extended) -> None:
+    """The extension's "best so far" starts from the launch's best, not from nothing."""
+    launch_best = _best_so_far(extended["launched"].stdout)[-1]
+    shown = _best_so_far(extended["result"].stdout)
+    assert shown and min(shown) >= launch_best, (launch_best, shown)
 
 
 def test_extend_adds_trials_to_the_same_parent_run(extended) -> None:
@@ -88,6 +102,10 @@ def test_extend_registers_across_rounds_without_duplicates(extended) -> None:
     versions = client.search_model_versions(f"name='{meta['registered_model']}'")
     run_ids = [v.run_id for v in versions]
     assert len(run_ids) == len(set(run_ids))  # a run registered in round 1 is not registered again
+    # The ranks are those of the last ranking: 1..top_k once each; a version that fell
+    # out of the top-k carries no rank.
+    ranks = sorted(int(v.tags["rank"]) for v in versions if "rank" in v.tags)
+    assert ranks == list(range(1, meta["top_k"] + 1)), [(v.version, v.tags) for v in versions]
     champion = client.get_model_version_by_alias(meta["registered_model"], "champion")
     best = max(client.search_runs(
         [meta["experiment_id"]],

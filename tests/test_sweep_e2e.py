@@ -24,9 +24,10 @@ WRNSWEEP = str(Path(sys.executable).with_name("wrnsweep"))
 pytestmark = pytest.mark.slow
 
 
-def wrnsweep(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def wrnsweep(*args: str, cwd: Path, timeout: float = 600,
+             **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([WRNSWEEP, *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=timeout, env={**os.environ, "RAY_ADDRESS": ""})
+                          timeout=timeout, env={**os.environ, "RAY_ADDRESS": "", **env})
 
 
 def client_for(home: Path):
@@ -140,6 +141,11 @@ def test_best_prints_the_leaderboard_from_mlflow(finished_sweep) -> None:
                        cwd=home)
     assert json.loads(by_name.stdout) == json.loads(
         wrnsweep("best", str(home), "--json", cwd=home).stdout)
+    # A tracking URI exported for other work does not redirect a sweep folder's leaderboard.
+    elsewhere = wrnsweep("best", str(home), "--json", cwd=home,
+                         MLFLOW_TRACKING_URI="http://127.0.0.1:9")
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    assert json.loads(elsewhere.stdout) == json.loads(by_name.stdout)
 
 
 def test_export_of_the_champion_folds_and_checks(finished_sweep) -> None:

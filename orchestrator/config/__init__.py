@@ -39,7 +39,13 @@ inside the buildability check.
 
 from __future__ import annotations
 
-from orchestrator.config.checks import MAX_GPUS_PER_NODE, MAX_MILESTONES, check_cluster_fits
+from orchestrator.config.checks import (
+    MAX_GPUS_PER_NODE,
+    MAX_MILESTONES,
+    SWEEP_NAME,
+    SWEEP_NAME_RULE,
+    check_cluster_fits,
+)
 from orchestrator.config.errors import ConfigError, ConfigIssue
 from orchestrator.config.loading import load_sweep, parse_sweep
 from orchestrator.config.schema import METRICS, MilestoneSpace, Param, SweepConfig
@@ -48,6 +54,8 @@ __all__ = [
     "MAX_GPUS_PER_NODE",
     "MAX_MILESTONES",
     "METRICS",
+    "SWEEP_NAME",
+    "SWEEP_NAME_RULE",
     "ConfigError",
     "ConfigIssue",
     "MilestoneSpace",

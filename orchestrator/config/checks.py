@@ -71,7 +71,10 @@ MAX_GPUS_PER_NODE = 8
 MAX_MILESTONES = 5
 # Checking every value of a huge int range would stall `wrnsweep validate`.
 _MAX_ENUMERATED = 100_000
-_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
+# A sweep name is a folder name, an MLflow experiment and model name, and goes into
+# MLflow filter strings: no quotes, no slashes, and no "." or ".." (a letter or digit first).
+SWEEP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+SWEEP_NAME_RULE = "[A-Za-z0-9][A-Za-z0-9_.-]*"
 
 
 class _Checker:
@@ -187,10 +190,10 @@ def _sections_alone(data: dict[str, Any]) -> _Sections:
 
 
 def _check_meaning(ck: _Checker, s: _Sections) -> None:
-    if s.name is not None and not _NAME_RE.fullmatch(s.name):
+    if s.name is not None and not SWEEP_NAME.fullmatch(s.name):
         ck.add(
             "name",
-            f"must match [A-Za-z0-9_.-]+ (it names the Optuna study, the MLflow experiment "
+            f"must match {SWEEP_NAME_RULE} (it names the Optuna study, the MLflow experiment "
             f"and the output folder), got {s.name!r}",
         )
     if isinstance(s.dataset, DatasetSpec) and s.dataset.synthetic_size < 1:
