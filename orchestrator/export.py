@@ -451,6 +451,11 @@ def export_model(uri: str, out: str | os.PathLike[str], *, fmt: str = "torchscri
         if outputs is None and folded is not None:  # ONNX without onnxruntime
             with torch.no_grad():
                 diff = _max_diff(reference, [folded(x) for x in batches])
+        # Plain file permissions (0666 less the umask) for every format: safetensors
+        # writes its files 0600, the other writers do not.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

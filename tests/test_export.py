@@ -11,6 +11,7 @@ model on inputs the exporter never saw.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,9 @@ def test_export_reloads_and_matches(case: Case, fmt: str, folders: dict[str, Pat
 
     assert result.path == out and out.is_file()
     assert [p.name for p in out.parent.iterdir()] == [out.name]  # no partial file left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # as any file the user writes
     assert result.format == fmt
     assert 0 <= result.max_abs_diff <= TOL
     if fmt == "state_dict":  # the unfolded weights: nothing folded
