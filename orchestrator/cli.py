@@ -491,6 +491,10 @@ def submit(sweep_file: str, address: str, follow: bool, storage: str | None,
     _load_sweep_or_exit(sweep_file)
     if num_samples is not None and num_samples < 1:
         raise InvalidInput(f"--num-samples must be >= 1, got {num_samples}")
+    from orchestrator.config import SWEEP_NAME, SWEEP_NAME_RULE
+
+    if name is not None and not SWEEP_NAME.fullmatch(name):  # as launch checks it
+        raise InvalidInput(f"--name must match {SWEEP_NAME_RULE}, got {name!r}")
     client, job_id = _jobs_call(jobs.submit, sweep_file, address=address, storage=storage,
                                 tracking_uri=tracking_uri, num_samples=num_samples,
                                 name=name, pip=pip)

@@ -236,6 +236,8 @@ def test_bad_names_and_stores_exit_2_before_anything_starts(tmp_path: Path) -> N
         tmp_path,
         [*smoke, "--name", "it's"],
         [*smoke, "--name", ".."],
+        ["submit", "search_spaces/smoke.yaml", "--address", f"http://127.0.0.1:{_closed_port()}",
+         "--name", "a b"],
         [*smoke, "--tracking-uri", f"http://127.0.0.1:{_closed_port()}"],
         ["best", str(plain)],
         ["best", "smoke", "--tracking-uri", f"sqlite:///{missing_db}"],
@@ -244,7 +246,8 @@ def test_bad_names_and_stores_exit_2_before_anything_starts(tmp_path: Path) -> N
         ["export", "models:/smoke@champion", "--out", str(tmp_path / "m.onnx"),
          "--format", "torchscript", "--tracking-uri", f"sqlite:///{missing_db}"],
     )
-    expected = ["--name must match", "--name must match", "cannot use the tracking store",
+    expected = ["--name must match", "--name must match", "--name must match",
+                "cannot use the tracking store",
                 "not a wrnsweep sweep folder", "no such tracking store", "not a sweep name",
                 "--tracking-uri", "names a onnx file"]
     for ran, text in zip(runs, expected, strict=True):
