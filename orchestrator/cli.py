@@ -343,8 +343,8 @@ def _plan_for(target: str, tracking_uri: str | None) -> Any:
         # The folder records where its runs are: an MLFLOW_TRACKING_URI exported for
         # other work must not redirect it (an explicit --tracking-uri does: a moved store).
         if tracking_uri and not _from_environment("tracking_uri"):
-            _check_store(tracking_uri)
             plan.tracking_uri = tracking_uri
+        _check_store(plan.tracking_uri)  # a deleted mlflow.db is not made again, empty
         return plan
     if not tracking_uri:
         raise InvalidInput(f"{target}: no such sweep folder (give a folder, or a sweep name "

@@ -498,31 +498,48 @@ def _fit_until_signal(tuner: Any) -> tuple[Any, bool]:
 
     On SIGINT or SIGUSR1, Tune saves the experiment state and returns from ``fit()``
     as if the sweep had ended, its running trials marked TERMINATED in memory
-    (PENDING on disk, for a restore). Its handler, installed by ``fit()``, puts back
-    the SIGINT handler it found when it fires and stays installed otherwise, so a
-    marker installed here tells the two apart. The handlers found here are put back
-    afterwards: Tune's stale one would swallow a Ctrl-C during registration.
+    (PENDING on disk, for a restore). Its SIGINT handler, installed by ``fit()``,
+    puts back the handler it found when it fires and stays installed otherwise, so
+    a marker installed here tells the two apart. That holds only where Tune ran
+    ``fit`` in this process, which its SIGUSR1 handler (always installed then) shows:
+    under Ray Client (``ray://``) fit runs on the cluster. The handlers found here
+    are put back afterwards: Tune's stale one would swallow a Ctrl-C during
+    registration. With ``TUNE_DISABLE_SIGINT_HANDLER=1`` Tune leaves SIGINT alone
+    and a stop cannot be told from an end.
     """
     if threading.current_thread() is not threading.main_thread():
         return tuner.fit(), False  # signals reach the main thread only; Tune installs none
     previous = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
+    before_int = previous[signal.SIGINT]
 
     def marker(signum: int, frame: Any) -> None:  # a second Ctrl-C: what it did before
-        handler = previous[signal.SIGINT]
-        if callable(handler):
-            handler(signum, frame)
-        else:
+        if before_int is signal.SIG_IGN:
+            return
+        if callable(before_int):
+            before_int(signum, frame)
+        else:  # SIG_DFL, or a handler not installed from Python
             raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, marker)
     try:
         results = tuner.fit()
-        interrupted = (signal.getsignal(signal.SIGINT) is marker
-                       and not os.environ.get("TUNE_DISABLE_SIGINT_HANDLER"))
+        tune_here = all(signal.getsignal(sig) is not previous[sig]
+                        for sig in _STOP_SIGNALS if sig != signal.SIGINT)
+        interrupted = (tune_here and _tune_catches_sigint()
+                       and signal.getsignal(signal.SIGINT) is marker)
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            if handler is not None:  # None: installed outside Python, cannot be restored
+                signal.signal(sig, handler)
     return results, interrupted
+
+
+def _tune_catches_sigint() -> bool:
+    """Whether Tune installs its SIGINT handler (its own reading of the switch)."""
+    try:
+        return not int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0"))
+    except ValueError:
+        return True  # Tune itself would fail on such a value before fit starts
 
 
 def _interrupted(plan: Plan, results: Any) -> SweepInterrupted:
@@ -674,7 +691,7 @@ def resume(home: str, *, echo: Echo = print, address: str | None = None) -> dict
     # A trial resumed from its last checkpoint may report again an epoch that Optuna
     # was told before the driver stopped: Optuna keeps the first value, and says so.
     warnings.filterwarnings("ignore", category=UserWarning,
-                            message="The reported value is ignored because this step")
+                            message=r"The reported value is ignored because this `?step")
     # The trainable must be wrapped exactly as at launch (resources, dataset).
     tuner = tune.Tuner.restore(path, trainable=_trainable(cfg, splits, has_gpu, plan),
                                resume_unfinished=True, resume_errored=True)

@@ -181,21 +181,24 @@ def local_store_path(tracking_uri: str) -> Path | None:
     """The file or folder of a local tracking store (SQLite database, file store).
 
     None for a server (http, https, databricks, ...), whose existence only a request
-    can tell.
+    can tell, and for an in-memory database.
     """
     from urllib.parse import urlparse
+    from urllib.request import url2pathname
 
-    parsed = urlparse(tracking_uri)
-    if tracking_uri.startswith("databricks"):  # "databricks" or "databricks://profile"
+    if tracking_uri.lower().startswith("databricks"):  # "databricks", "databricks://profile"
         return None
+    parsed = urlparse(tracking_uri)  # the scheme comes back lower-cased
     if parsed.scheme == "sqlite":
-        # sqlite:///relative.db and sqlite:////absolute.db (SQLAlchemy's forms)
-        rest = tracking_uri[len("sqlite:///"):] if tracking_uri.startswith("sqlite:///") \
-            else parsed.path
-        return Path(rest.split("?", 1)[0]) if rest and rest != ":memory:" else None
+        # SQLAlchemy's forms: sqlite:///relative.db, sqlite:////absolute.db, and in its
+        # URI mode sqlite:///file:path.db?mode=ro&uri=true.
+        rest = tracking_uri.split(":", 1)[1].removeprefix("///").split("?", 1)[0]
+        if "uri=true" in parsed.query:
+            rest = rest.removeprefix("file:")
+        return Path(rest) if rest and rest != ":memory:" else None  # as SQLAlchemy: undecoded
     if parsed.scheme == "file":
-        return Path(parsed.path)
-    if not parsed.scheme or len(parsed.scheme) == 1:  # a bare path (or C:\ on Windows)
+        return Path(url2pathname(parsed.path))
+    if not parsed.scheme or len(parsed.scheme) == 1:  # a bare path (or C:\\ on Windows)
         return Path(tracking_uri)
     return None
 

@@ -254,7 +254,6 @@ def test_bad_names_and_stores_exit_2_before_anything_starts(tmp_path: Path) -> N
         assert ran.returncode == 2, (ran.args, ran.stdout, ran.stderr)
         assert text in ran.stderr, (ran.args, ran.stderr)
         assert "Traceback" not in ran.stderr + ran.stdout, ran.stderr
-        assert ran.seconds < 60, ran.args
     assert not store.exists() and not missing_db.parent.exists()
     assert list(plain.iterdir()) == []
     assert not _ray_started(tmp_path)

@@ -223,21 +223,24 @@ def _assert_resumes_to_completion(home: Path) -> None:
 def test_ctrl_c_saves_the_sweep_for_resume_without_finishing_it(tmp_path: Path) -> None:
     """Ctrl-C (SIGINT to the terminal's process group): exit 130 with the resume command,
     no traceback, nothing registered, runs left RUNNING; `resume` then completes it."""
-    driver = subprocess.Popen(
-        [WRNSWEEP, "launch", str(TWO_ARCH), "--storage", str(tmp_path / "runs")],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True, env={**os.environ, "RAY_ADDRESS": ""})
-    assert driver.stdout is not None
-    seen = []
-    for line in driver.stdout:  # the progress lines, as they are printed
-        seen.append(line)
-        if " epoch 1/" in line:
-            break
-    else:
-        raise AssertionError("the sweep ended before it could be interrupted:\n"
-                             + "".join(seen[-20:]))
+    out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with out.open("w") as stdout_file, err.open("w") as stderr_file:
+        driver = subprocess.Popen(
+            [WRNSWEEP, "launch", str(TWO_ARCH), "--storage", str(tmp_path / "runs")],
+            cwd=tmp_path, stdout=stdout_file, stderr=stderr_file, text=True,
+            start_new_session=True, env={**os.environ, "RAY_ADDRESS": "",
+                                         "PYTHONUNBUFFERED": "1"})
+
+    def first_epoch() -> bool:  # a progress line, as printed
+        if driver.poll() is not None:
+            raise AssertionError("the sweep ended before it could be interrupted:\n"
+                                 + out.read_text()[-2000:] + err.read_text()[-2000:])
+        return " epoch 1/" in out.read_text()
+
+    _wait_for(first_epoch, 300, "a trial's first epoch")
     os.killpg(driver.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
-    stdout, stderr = driver.communicate(timeout=120)
+    driver.wait(timeout=120)
+    stdout, stderr = out.read_text(), err.read_text()
 
     assert driver.returncode == 130, stdout[-2000:] + stderr[-3000:]
     assert "interrupted" in stderr and "wrnsweep resume" in stderr

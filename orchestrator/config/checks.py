@@ -72,9 +72,9 @@ MAX_MILESTONES = 5
 # Checking every value of a huge int range would stall `wrnsweep validate`.
 _MAX_ENUMERATED = 100_000
 # A sweep name is a folder name, an MLflow experiment and model name, and goes into
-# MLflow filter strings: no quotes, no slashes, and no "." or ".." (a letter or digit first).
-SWEEP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-SWEEP_NAME_RULE = "[A-Za-z0-9][A-Za-z0-9_.-]*"
+# MLflow filter strings: no quotes, no slashes, and not "." or "..".
+SWEEP_NAME = re.compile(r"(?!\.\.?$)[A-Za-z0-9_.-]+")
+SWEEP_NAME_RULE = "[A-Za-z0-9_.-]+ (not . or ..)"
 
 
 class _Checker:
