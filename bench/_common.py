@@ -19,6 +19,20 @@ def cpu_model() -> str:
     return "unknown"
 
 
+def machine_busy_seconds() -> float | None:
+    """CPU seconds the whole machine has been busy since boot (/proc/stat; None elsewhere).
+
+    Its growth over an interval, less a benchmark's own processes, is what other work
+    took from the machine meanwhile.
+    """
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def machine_lines(packages: tuple[str, ...] = ("torch", "ray", "optuna", "mlflow")) -> list[str]:
     """Two header lines: cores, CPU and OS; Python and the versions of ``packages``."""
     versions = " ".join(f"{pkg}={metadata.version(pkg)}" for pkg in packages)

@@ -80,7 +80,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench._common import machine_lines  # noqa: E402  (needs REPO on sys.path)
+from bench._common import machine_busy_seconds, machine_lines  # noqa: E402  (needs REPO on sys.path)
 
 SIZES = (100, 300, 1000)
 CPUS = 2  # the local Ray's CPUs; trials take 1 CPU each, at most 2 at a time
@@ -312,15 +312,6 @@ def child(trials: int, workdir: Path) -> None:
 
 
 # -- parent ----------------------------------------------------------------------------------
-def machine_busy_seconds() -> float | None:
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    except OSError:
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
 def tree_cpu_seconds(marker: bytes, seen: dict[tuple[int, int], float]) -> None:
     """Update CPU seconds of every process whose environment holds ``marker``."""
     hz = os.sysconf("SC_CLK_TCK")

@@ -51,7 +51,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench._common import machine_lines  # noqa: E402  (needs REPO on sys.path)
+from bench._common import machine_busy_seconds, machine_lines  # noqa: E402  (needs REPO on sys.path)
 
 SMOKE = REPO / "search_spaces" / "smoke.yaml"
 WRNSWEEP = Path(sys.executable).with_name("wrnsweep")
@@ -124,15 +124,6 @@ class Launch:
     stamps: dict[str, float] = field(default_factory=dict)  # seconds after process start
     lines: list[tuple[float, str]] = field(default_factory=list)
     stderr: list[str] = field(default_factory=list)
-
-
-def machine_busy_seconds() -> float | None:
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    except OSError:
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def marked_pids(marker: bytes) -> dict[int, float]:

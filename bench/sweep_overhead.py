@@ -83,7 +83,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench._common import machine_lines  # noqa: E402  (needs REPO on sys.path)
+from bench._common import machine_busy_seconds, machine_lines  # noqa: E402  (needs REPO on sys.path)
 
 TRIALS = 8
 EPOCHS = 5
@@ -276,17 +276,8 @@ class CpuMonitor(threading.Thread):
         self.cpu: dict[tuple[int, int], float] = {}  # (pid, start time) -> CPU seconds
         self.seen: set[tuple[int, int]] = set()  # every process looked at once
         self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        self.busy0 = self._machine_busy()
+        self.busy0 = machine_busy_seconds()
         self.series: list[tuple[float, float]] = []  # (perf_counter, the arm's CPU seconds)
-
-    def _machine_busy(self) -> float | None:
-        try:
-            fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-        except OSError:
-            return None
-        user, nice, system, _idle, _iowait, irq, softirq, steal = (
-            int(v) for v in fields[:8])
-        return (user + nice + system + irq + softirq + steal) / self.hz
 
     def _read(self, pid: int) -> tuple[tuple[int, int], float] | None:
         try:
@@ -333,7 +324,7 @@ class CpuMonitor(threading.Thread):
     def finish(self) -> tuple[float | None, float | None]:
         self.stop.set()
         self.join()
-        busy1 = self._machine_busy()
+        busy1 = machine_busy_seconds()
         if self.busy0 is None or busy1 is None:
             return None, None
         arm = sum(self.cpu.values())

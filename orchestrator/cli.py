@@ -180,23 +180,18 @@ def _run_sweep(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
     use_token_if_present()  # before Ray is imported: joining a Ray 2.60 cluster needs it
     from orchestrator.config import ConfigError
-    from orchestrator.sweep import SweepError, SweepInputError, SweepInterrupted
+    from orchestrator.sweep import SweepError, SweepInterrupted
 
     try:
-        return fn(*args, **kwargs)
-    except (SweepInputError, ConfigError) as err:
+        with _tracking_errors():  # and a store that fails mid-way (a server went away)
+            return fn(*args, **kwargs)
+    except ConfigError as err:
         raise InvalidInput(str(err)) from None
     except SweepInterrupted as err:
         click.echo(f"Error: {err}", err=True)
         sys.exit(130)  # the shell's code for "ended by SIGINT"
     except SweepError as err:
         raise click.ClickException(str(err)) from None
-    except Exception as err:  # the tracking store failed mid-way (a server went away)
-        from mlflow.exceptions import MlflowException
-
-        if not isinstance(err, MlflowException):
-            raise
-        raise click.ClickException(str(err).strip().splitlines()[0]) from None
 
 
 def _from_environment(param: str) -> bool:
@@ -238,9 +233,11 @@ def _tracking_errors(*, missing_is_input: bool = False) -> Iterator[None]:
     except Exception as err:
         from mlflow.exceptions import MlflowException
 
+        from orchestrator.tracking import error_line
+
         if not isinstance(err, MlflowException):
             raise
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = error_line(err)
         if missing_is_input and getattr(err, "error_code", None) in (
                 "RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise InvalidInput(first) from None
@@ -349,11 +346,11 @@ def _plan_for(target: str, tracking_uri: str | None) -> Any:
     if not tracking_uri:
         raise InvalidInput(f"{target}: no such sweep folder (give a folder, or a sweep name "
                            "with --tracking-uri)")
-    from orchestrator.config import SWEEP_NAME
+    from orchestrator.config import SWEEP_NAME, SWEEP_NAME_RULE
 
     if not SWEEP_NAME.fullmatch(target):
-        raise InvalidInput(f"{target}: no such sweep folder, and not a sweep name (names are "
-                           "letters, digits, '_', '.' and '-')")
+        raise InvalidInput(f"{target}: no such sweep folder, and not a sweep name (names "
+                           f"match {SWEEP_NAME_RULE})")
     _check_store(tracking_uri)
     from orchestrator.tracking import SWEEP_TAG, mlflow_client
 

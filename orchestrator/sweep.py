@@ -362,17 +362,16 @@ def _probe_tracking(tracking_uri: str) -> None:
     """
     from mlflow.exceptions import MlflowException
 
-    from orchestrator.tracking import local_store_path, mlflow_client
+    from orchestrator.tracking import error_line, is_local_store, mlflow_client
 
-    if local_store_path(tracking_uri) is not None:
+    if is_local_store(tracking_uri):
         return
     tracking_env()
     try:
         mlflow_client(tracking_uri).search_experiments(max_results=1)
     except MlflowException as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SweepInputError(f"cannot use the tracking store {tracking_uri}: {first}") \
-            from None
+        raise SweepInputError(f"cannot use the tracking store {tracking_uri}: "
+                              f"{error_line(err)}") from None
 
 
 def _start_tracking(cfg: SweepConfig, plan: Plan) -> None:
@@ -542,11 +541,19 @@ def _tune_catches_sigint() -> bool:
         return True  # Tune itself would fail on such a value before fit starts
 
 
-def _interrupted(plan: Plan, results: Any) -> SweepInterrupted:
-    """The error that ends a sweep stopped by a signal; its runs stay RUNNING for resume."""
-    return SweepInterrupted(
-        f"interrupted ({len(results)} trials of this run started); the state is saved: "
-        f"`wrnsweep resume {plan.home}` continues the sweep")
+def _run_tuner(tuner: Any, plan: Plan) -> Any:
+    """Run a sweep's Tuner (launch, extend, resume); Tune's ResultGrid.
+
+    Raises :class:`SweepInterrupted` when a signal stopped it: the runs then stay
+    RUNNING and nothing is ranked or registered until ``resume`` ends the sweep.
+    """
+    with _explicit_loggers_only():
+        results, interrupted = _fit_until_signal(tuner)
+    if interrupted:
+        raise SweepInterrupted(
+            f"interrupted ({len(results)} trials of this run started); the state is saved: "
+            f"`wrnsweep resume {plan.home}` continues the sweep")
+    return results
 
 
 def _rounds(plan: Plan) -> list[tuple[str, str]]:
@@ -587,11 +594,7 @@ def _fit(cfg: SweepConfig, plan: Plan, searcher: Any, num_samples: int, trainabl
             failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures),
         ),
     )
-    with _explicit_loggers_only():
-        results, interrupted = _fit_until_signal(tuner)
-    if interrupted:
-        raise _interrupted(plan, results)
-    return results
+    return _run_tuner(tuner, plan)
 
 
 def extend(home: str, num_samples: int, *, echo: Echo = print,
@@ -695,11 +698,7 @@ def resume(home: str, *, echo: Echo = print, address: str | None = None) -> dict
     # The trainable must be wrapped exactly as at launch (resources, dataset).
     tuner = tune.Tuner.restore(path, trainable=_trainable(cfg, splits, has_gpu, plan),
                                resume_unfinished=True, resume_errored=True)
-    with _explicit_loggers_only():
-        results, interrupted = _fit_until_signal(tuner)
-    if interrupted:
-        raise _interrupted(plan, results)
-    return finish(cfg, plan, results, echo=echo)
+    return finish(cfg, plan, _run_tuner(tuner, plan), echo=echo)
 
 
 # -- after the sweep ------------------------------------------------------------------------

@@ -203,6 +203,12 @@ def local_store_path(tracking_uri: str) -> Path | None:
     return None
 
 
+def error_line(err: BaseException) -> str:
+    """An error as one line for the terminal: its message's first line, else its type."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def git_commit(cwd: str | os.PathLike[str] | None = None) -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -257,8 +263,8 @@ def _trial_gpus(trial: Any) -> str:
 
 def is_local_store(tracking_uri: str) -> bool:
     """Whether MLflow writes to ``tracking_uri`` run in this process (SQLite, files)."""
-    scheme = tracking_uri.partition("://")[0] if "://" in tracking_uri else ""
-    return scheme in ("", "file", "sqlite")
+    return local_store_path(tracking_uri) is not None or \
+        tracking_uri.lower().startswith("sqlite:")  # an in-memory database too
 
 
 def journal_path(path: str | os.PathLike[str]) -> Path:
