@@ -5,27 +5,13 @@
 ``models:/NAME/VERSION``, ``runs:/ID/model`` or a local model folder), folds it,
 checks the folded network against the original, writes one file and reads it back.
 
-Folding (eval-mode BN is a per-channel affine map of fixed statistics)::
-
-    BN(y) = gamma * (y - mean) / sqrt(var + eps) + beta = s * y + (beta - s * mean),
-    s = gamma / sqrt(var + eps)                                    # (C_out,)
-
-* conv followed directly by BN (``BN(conv(x, W) + b)``) is one conv with bias::
-
-      W' = W * s[:, None, None, None]
-      b' = beta - s * mean + s * b                                 # b = 0 without bias
-
-  This covers every BN of the post-activation ResNet (stem, conv1-bn1, conv2-bn2,
-  option-B shortcut conv-BN), the inner BNs of the pre-activation blocks (WRN
-  ``conv1 -> bn2``, pre-act ResNet ``conv1 -> bn2`` and ``conv2 -> bn3``), the
-  stem conv into the first block's ``bn1`` where nothing else reads the stem's
-  output, and every BN of a DiracNet (via :func:`trainables.models.fold_diracnet`,
-  which also materialises ``alpha * delta + beta * normalize(W)``).
-* a BN whose input is not a conv output alone (the pre-activation ``BN -> ReLU ->
-  conv`` on a residual sum, the final BN) cannot move into the conv after it: the
-  ReLU sits in between. It becomes :class:`Affine`, ``x * s + (beta - s * mean)``
-  with constant buffers, so the exported graph has no BatchNorm and no running
-  statistics either way.
+Folding (eval-mode BN is a fixed per-channel affine map ``s * y + (beta - s * mean)``)
+is each family's ``fold(model)`` (the shared parts are in
+:mod:`trainables.models._fold`): a BN that reads one conv's output merges into
+that conv (W' = W * s, b' = beta - s * mean + s * b), a BN on a residual sum before
+a ReLU becomes a constant :class:`Affine`, and a DiracNet's
+``alpha * delta + beta * normalize(W)`` is materialised. The exported graph has no
+BatchNorm and no running statistics; it keeps the model's dtype and device.
 
 Formats:
 
@@ -45,7 +31,6 @@ The metadata (JSON) is the model card plus ``normalise``: inputs are RGB images 
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import warnings
@@ -54,8 +39,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+# The folding parts live with the networks (trainables.models._fold); these names
+# stay importable from here for callers of the earlier export module.
+from trainables.models._fold import Affine as Affine
+from trainables.models._fold import FoldedBottleneck as FoldedBottleneck
+from trainables.models._fold import FoldedNet as FoldedNet
+from trainables.models._fold import FoldedResNetBlock as FoldedResNetBlock
+from trainables.models._fold import FoldedWRNBlock as FoldedWRNBlock
+from trainables.models._fold import bn_to_affine as bn_to_affine
+from trainables.models._fold import fold_conv_bn as fold_conv_bn
+from trainables.models._fold import stem_and_first_pre as _stem_and_first_pre  # noqa: F401
 
 FORMATS = ("torchscript", "onnx", "state_dict")
 METADATA_KEY = "wrnsweep"  # ONNX metadata_props key and safetensors header key
@@ -78,201 +73,25 @@ class ExportResult:
     affine_bn: int = 0  # BatchNorm2d layers turned into a fixed per-channel Affine
 
 
-class Affine(nn.Module):
-    """A frozen eval-mode BatchNorm2d: ``x * scale + shift`` per channel, no statistics."""
-
-    def __init__(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("scale", scale.detach().clone().view(1, -1, 1, 1))
-        self.register_buffer("shift", shift.detach().clone().view(1, -1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.scale + self.shift  # (B, C, H, W)
-
-
-def _bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(s, beta - s * mean)`` in float64, so folding adds no rounding of its own."""
-    if bn.running_mean is None or bn.running_var is None:
-        raise ValueError("cannot fold a BatchNorm2d without running statistics "
-                         "(track_running_stats=False uses batch statistics at inference)")
-    var = bn.running_var.double()
-    gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(var)
-    beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(var)
-    scale = gamma / torch.sqrt(var + bn.eps)
-    return scale, beta - bn.running_mean.double() * scale
-
-
-def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    """``bn(conv(x))`` in eval mode as one conv with bias (a new module).
-
-    ``W' = W * s``, ``b' = beta - s * mean + s * b`` with ``s = gamma / sqrt(var + eps)``.
-    """
-    scale, shift = _bn_scale_shift(bn)
-    out = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                    conv.padding, conv.dilation, conv.groups, bias=True,
-                    padding_mode=conv.padding_mode)
-    bias = shift if conv.bias is None else shift + scale * conv.bias.double()
-    with torch.no_grad():
-        out.weight.copy_(conv.weight.double() * scale.view(-1, 1, 1, 1))
-        out.bias.copy_(bias)
-    return out.to(conv.weight)
-
-
-def bn_to_affine(bn: nn.BatchNorm2d) -> Affine:
-    """``bn`` in eval mode as a fixed per-channel affine map (for BN -> ReLU -> conv)."""
-    scale, shift = _bn_scale_shift(bn)
-    dtype = bn.running_var.dtype if bn.running_var is not None else torch.float32
-    return Affine(scale.to(dtype), shift.to(dtype))
-
-
-def _copy(module: nn.Module) -> nn.Module:
-    return copy.deepcopy(module)
-
-
-# Folded forms of the residual blocks. They keep the originals' dataflow with the
-# BNs removed; dropout is gone because it is the identity in eval mode.
-
-
-class FoldedResNetBlock(nn.Module):
-    """Post-activation block, BN folded: ``relu(conv2(relu(conv1(x))) + shortcut(x))``."""
-
-    def __init__(self, conv1: nn.Conv2d, conv2: nn.Conv2d, shortcut: nn.Module) -> None:
-        super().__init__()
-        self.conv1, self.conv2, self.shortcut = conv1, conv2, shortcut
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        o = self.conv2(F.relu(self.conv1(x)))
-        return F.relu(o + self.shortcut(x))
-
-
-class FoldedWRNBlock(nn.Module):
-    """WRN block: ``a = relu(pre(x)); o = conv2(relu(conv1(a))); o + (x or shortcut(a))``.
-
-    ``pre`` is the block's ``bn1`` as an :class:`Affine`, or the identity when
-    ``bn1`` was folded into the stem conv; ``conv1`` carries ``bn2``.
-    """
-
-    def __init__(self, pre: nn.Module, conv1: nn.Conv2d, conv2: nn.Conv2d,
-                 shortcut: nn.Conv2d | None) -> None:
-        super().__init__()
-        self.pre, self.conv1, self.conv2 = pre, conv1, conv2
-        self.project = shortcut is not None
-        self.shortcut = shortcut if shortcut is not None else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = F.relu(self.pre(x))
-        o = self.conv2(F.relu(self.conv1(a)))
-        skip = self.shortcut(a) if self.project else x
-        return o + skip
-
-
-class FoldedBottleneck(nn.Module):
-    """Pre-act bottleneck: conv1 carries ``bn2``, conv2 carries ``bn3``; ``pre`` is ``bn1``."""
-
-    def __init__(self, pre: nn.Module, conv1: nn.Conv2d, conv2: nn.Conv2d, conv3: nn.Conv2d,
-                 shortcut: nn.Conv2d | None) -> None:
-        super().__init__()
-        self.pre, self.conv1, self.conv2, self.conv3 = pre, conv1, conv2, conv3
-        self.project = shortcut is not None
-        self.shortcut = shortcut if shortcut is not None else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = F.relu(self.pre(x))
-        o = self.conv3(F.relu(self.conv2(F.relu(self.conv1(a)))))
-        skip = self.shortcut(a) if self.project else x
-        return o + skip
-
-
-class FoldedNet(nn.Module):
-    """``fc(pool(post(blocks(stem(x)))))``; ``post`` is ReLU (ResNet) or Affine-ReLU (pre-act)."""
-
-    def __init__(self, stem: nn.Module, blocks: list[nn.Module], post: nn.Module,
-                 fc: nn.Linear) -> None:
-        super().__init__()
-        self.stem, self.blocks, self.post, self.fc = stem, nn.Sequential(*blocks), post, fc
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        o = self.post(self.blocks(self.stem(x)))  # (B, C, 8, 8)
-        return self.fc(F.adaptive_avg_pool2d(o, 1).flatten(1))  # (B, num_classes)
-
-
-def _fold_resnet(model: nn.Module) -> nn.Module:
-    # Post-activation: every BN reads exactly one conv's output, so all of them fold.
-    blocks: list[nn.Module] = []
-    for b in model.blocks:
-        shortcut = b.shortcut
-        if isinstance(shortcut, nn.Sequential):  # option B: 1x1 conv, BN
-            shortcut = fold_conv_bn(shortcut[0], shortcut[1])
-        else:  # identity or option A (no parameters)
-            shortcut = _copy(shortcut)
-        blocks.append(FoldedResNetBlock(fold_conv_bn(b.conv1, b.bn1),
-                                        fold_conv_bn(b.conv2, b.bn2), shortcut))
-    stem = nn.Sequential(fold_conv_bn(model.conv1, model.bn1), nn.ReLU())
-    return FoldedNet(stem, blocks, nn.Identity(), _copy(model.fc))
-
-
-def _stem_and_first_pre(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """Stem conv and the first block's pre-activation, folded together when possible.
-
-    The first block's ``bn1`` reads the stem conv's output; it folds into the stem
-    only when nothing else reads that output, i.e. when the first block projects
-    its shortcut from the pre-activated input instead of adding the raw input.
-    """
-    first = model.blocks[0]
-    if first.shortcut is not None:
-        return fold_conv_bn(model.conv1, first.bn1), nn.Identity()
-    return _copy(model.conv1), bn_to_affine(first.bn1)
-
-
-def _fold_wrn(model: nn.Module) -> nn.Module:
-    stem, first_pre = _stem_and_first_pre(model)
-    blocks: list[nn.Module] = []
-    for i, b in enumerate(model.blocks):
-        pre = first_pre if i == 0 else bn_to_affine(b.bn1)
-        shortcut = None if b.shortcut is None else _copy(b.shortcut)
-        blocks.append(FoldedWRNBlock(pre, fold_conv_bn(b.conv1, b.bn2), _copy(b.conv2),
-                                     shortcut))
-    post = nn.Sequential(bn_to_affine(model.bn), nn.ReLU())  # relu(bn(x)) before the pool
-    return FoldedNet(stem, blocks, post, _copy(model.fc))
-
-
-def _fold_preact(model: nn.Module) -> nn.Module:
-    stem, first_pre = _stem_and_first_pre(model)
-    blocks: list[nn.Module] = []
-    for i, b in enumerate(model.blocks):
-        pre = first_pre if i == 0 else bn_to_affine(b.bn1)
-        shortcut = None if b.shortcut is None else _copy(b.shortcut)
-        blocks.append(FoldedBottleneck(pre, fold_conv_bn(b.conv1, b.bn2),
-                                       fold_conv_bn(b.conv2, b.bn3), _copy(b.conv3), shortcut))
-    post = nn.Sequential(bn_to_affine(model.bn), nn.ReLU())  # relu(bn(x)) before the pool
-    return FoldedNet(stem, blocks, post, _copy(model.fc))
-
-
 @torch.no_grad()
 def fold_for_inference(model: nn.Module, card: dict[str, Any] | None = None) -> nn.Module:
     """An eval-mode copy of ``model`` without BatchNorm (and without Dirac convs).
 
-    Outputs equal ``model.eval()``'s up to fp32 rounding; ``model`` itself is not
-    changed (not even its train/eval mode). ``card["arch"]``, when given, must agree
-    with the model's class: a mismatch means the card belongs to another model.
+    The family is found from the model's class (``trainables.models.family_of``),
+    and its ``fold`` does the work, so no family is named here. Outputs equal
+    ``model.eval()``'s up to the model dtype's rounding; ``model`` itself is not
+    changed (not even its train/eval mode). Raises ``TypeError`` for a model of no
+    registered family or a family without ``fold``; ``card["arch"]``, when given,
+    must agree with the model's family: a mismatch means the card belongs to
+    another model (``ValueError``).
     """
-    from trainables.models import diracnet, fold_diracnet, preact_resnet, resnet, wrn
+    from trainables.models import family_of
 
-    folders = {
-        "resnet": (resnet.CifarResNet, _fold_resnet),
-        "wrn": (wrn.WideResNet, _fold_wrn),
-        "preact_resnet": (preact_resnet.PreActResNet, _fold_preact),
-        "diracnet": (diracnet.DiracNet, fold_diracnet),
-    }
-    arch = next((a for a, (cls, _) in folders.items() if isinstance(model, cls)), None)
-    if arch is None:
-        expected = [cls.__name__ for cls, _ in folders.values()]
-        raise TypeError(f"fold_for_inference expects one of {expected}, "
-                        f"got {type(model).__name__}")
-    if card and card.get("arch", arch) != arch:
-        raise ValueError(f"the model card says arch={card['arch']!r} but the model is {arch!r}")
-    folded = folders[arch][1](model)
-    return folded.to(next(model.parameters()).device).eval()
+    family = family_of(model)
+    if card and card.get("arch", family.name) != family.name:
+        raise ValueError(f"the model card says arch={card['arch']!r} "
+                         f"but the model is {family.name!r}")
+    return family.fold(model).eval()
 
 
 def _count(module: nn.Module, kind: type) -> int:

@@ -183,11 +183,11 @@ def corner_configs(cfg: Any, arch: str) -> list[dict[str, Any]]:
     at its lowest and highest value, every string choice): the extremes of memory."""
     import itertools
 
-    from trainables.config import MODEL_HPARAMS
+    from trainables.models.registry import get_family
 
     params = cfg.params_for(arch)
     axes: list[list[tuple[str, Any]]] = []
-    for name in MODEL_HPARAMS[arch]:
+    for name in get_family(arch).hparam_names:
         param = params.get(name)
         if param is None or param.kind == "milestones":
             continue

@@ -39,6 +39,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainables.models.registry import families, get_family, paper_rows
+
 GPU_TAG = "wrnsweep.gpu"
 HTML_FILE = "report.html"
 DATA_FILE = "report.json"
@@ -48,78 +50,27 @@ FEW_TRIALS = 10  # below this, importances are flagged as indicative only
 HIGHLIGHT = 3  # best trials drawn bold and named in the learning curves
 DPI = 110
 
-# Numeric run params (tracking.RUN_PARAMS) that can be hyperparameters; "seed"
-# is left out on purpose: it is not one, and a per-trial seed would look important.
-NUMERIC_PARAMS = (
-    "depth", "width", "dropout", "lr", "momentum", "weight_decay", "gamma", "batch_size",
-    "epochs", "warmup_epochs", "label_smoothing",
-)
-INT_PARAMS = {"depth", "width", "batch_size", "epochs", "warmup_epochs"}
-ARCH_COLOURS = {"wrn": "tab:blue", "resnet": "tab:orange", "preact_resnet": "tab:green",
-                "diracnet": "tab:red"}
+# Numeric run params that can be hyperparameters: every registered family's int and
+# float hyperparameters, then the training ones; "seed" is left out on purpose: it
+# is not one, and a per-trial seed would look important.
+_NUMERIC_TRAINING = ("lr", "momentum", "weight_decay", "gamma", "batch_size", "epochs",
+                     "warmup_epochs", "label_smoothing")
+_INT_TRAINING = {"batch_size", "epochs", "warmup_epochs"}
+
+
+def _model_numeric(kinds: tuple[type, ...]) -> list[str]:
+    seen = {h.name: None for f in families() for h in f.hparams if h.kind in kinds}
+    return list(seen)
+
+
+NUMERIC_PARAMS = (*_model_numeric((int, float)), *_NUMERIC_TRAINING)
+INT_PARAMS = {*_model_numeric((int,)), *_INT_TRAINING}
 
 
 # -- paper reference points ----------------------------------------------------------------
-WRN_PAPER = "Zagoruyko & Komodakis, Wide Residual Networks, BMVC 2016 (arXiv:1605.07146)"
-RESNET_PAPER = "He et al., Deep Residual Learning for Image Recognition, CVPR 2016, Table 6"
-PREACT_PAPER = "He et al., Identity Mappings in Deep Residual Networks, ECCV 2016"
-DIRAC_PAPER = ("Zagoruyko & Komodakis, DiracNets: Training Very Deep Neural Networks Without "
-               "Skip-Connections, 2017 (arXiv:1706.00388)")
-
-
-@dataclass(frozen=True)
-class PaperPoint:
-    """A published CIFAR result and the size of that model as our zoo builds it."""
-
-    label: str
-    arch: str
-    hparams: dict[str, Any]  # build_model arguments of the paper's configuration
-    params10: int  # parameters for 10 classes (the zoo docstrings; tests/test_models.py)
-    features: int  # classifier inputs: each extra class adds features + 1 parameters
-    error: dict[str, float]  # dataset -> test error (%)
-    source: str
-
-    def params(self, num_classes: int) -> int:
-        return self.params10 + (num_classes - 10) * (self.features + 1)
-
-
-# Test errors (%) as the papers report them. WRN-28-10 is the dropout-0.3 model with
-# mean/std preprocessing (the preprocessing this project uses), median of 5 runs:
-# 3.89 on CIFAR-10 and 18.85 on CIFAR-100 (the 20.0 % quoted in the WRN repository's
-# README is a single run on ZCA-whitened CIFAR-100, so it is not used here).
-# WRN-16-8's 4.81 / 22.07 come from the paper's widening-factor table, which used
-# ZCA-whitened inputs; its mean/std figures are lower. Pre-act ResNet-164 and -1001:
-# the Identity Mappings paper, as also tabulated in the WRN paper and repository.
-# DiracNet-28-10: 4.75 % on CIFAR-10 (the plain 28-layer net that "matches
-# ResNet-1001"); its 36.5M parameters are those of our v2 layout. DiracNet-34-2
-# (5.6 % in some summaries) is left out: not confirmed against the paper.
-# Parameter counts are stored rather than built: building pre-act ResNet-1001, even
-# on the meta device, takes seconds; tests/test_report.py checks them against the zoo.
-PAPER_POINTS: tuple[PaperPoint, ...] = (
-    PaperPoint("WRN-28-10", "wrn", {"depth": 28, "width": 10, "dropout": 0.3}, 36_479_194,
-               640, {"cifar10": 3.89, "cifar100": 18.85}, WRN_PAPER),
-    PaperPoint("WRN-40-4", "wrn", {"depth": 40, "width": 4}, 8_949_210, 256,
-               {"cifar10": 4.53}, WRN_PAPER),
-    PaperPoint("WRN-16-8", "wrn", {"depth": 16, "width": 8}, 10_961_370, 512,
-               {"cifar10": 4.81, "cifar100": 22.07},
-               WRN_PAPER + ", widening-factor table (ZCA-whitened inputs)"),
-    PaperPoint("ResNet-20", "resnet", {"depth": 20}, 269_722, 64, {"cifar10": 8.75},
-               RESNET_PAPER),
-    PaperPoint("ResNet-32", "resnet", {"depth": 32}, 464_154, 64, {"cifar10": 7.51},
-               RESNET_PAPER),
-    PaperPoint("ResNet-44", "resnet", {"depth": 44}, 658_586, 64, {"cifar10": 7.17},
-               RESNET_PAPER),
-    PaperPoint("ResNet-56", "resnet", {"depth": 56}, 853_018, 64, {"cifar10": 6.97},
-               RESNET_PAPER),
-    PaperPoint("ResNet-110", "resnet", {"depth": 110}, 1_727_962, 64, {"cifar10": 6.43},
-               RESNET_PAPER),
-    PaperPoint("pre-act ResNet-164", "preact_resnet", {"depth": 164}, 1_703_258, 256,
-               {"cifar10": 5.46, "cifar100": 24.33}, PREACT_PAPER),
-    PaperPoint("pre-act ResNet-1001", "preact_resnet", {"depth": 1001}, 10_327_706, 256,
-               {"cifar10": 4.92, "cifar100": 22.71}, PREACT_PAPER),
-    PaperPoint("DiracNet-28-10", "diracnet", {"depth": 28, "width": 10, "variant": "v2"},
-               36_450_090, 640, {"cifar10": 4.75}, DIRAC_PAPER),
-)
+# The published results are the registry's paper rows (trainables.models.families):
+# label, arch, configuration, parameter count of our zoo, reported error per dataset.
+PAPER_POINTS = tuple(row for row in paper_rows() if row.error)
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}  # the datasets papers report on
 
 
@@ -381,7 +332,7 @@ def reference_points(dataset: str | None) -> list[dict[str, Any]]:
         if dataset in point.error:
             error = point.error[dataset]
             out.append({"label": point.label, "arch": point.arch,
-                        "params": point.params(NUM_CLASSES[dataset]), "test_error": error,
+                        "params": point.params_for(NUM_CLASSES[dataset]), "test_error": error,
                         "test_acc": round(1 - error / 100, 6), "source": point.source})
     return out
 
@@ -398,7 +349,10 @@ def _figure(width: float, height: float) -> Any:
 
 
 def _colour(arch: str) -> str:
-    return ARCH_COLOURS.get(arch, "tab:purple")
+    try:
+        return get_family(arch).colour
+    except ValueError:  # a run of a family no longer installed
+        return "tab:purple"
 
 
 def plot_curves(trials: Sequence[Trial], path: Path) -> Path | None:

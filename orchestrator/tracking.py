@@ -41,14 +41,19 @@ from orchestrator.search import EPOCH_KEY, TOTAL_EPOCHS_KEY
 
 log = logging.getLogger(__name__)
 
-# Parameters every trial run gets, under the same names for every architecture
-# (so the MLflow compare view lines them up). Model hyperparameters an
-# architecture does not have are logged as "n/a".
-RUN_PARAMS = (
-    "arch", "depth", "width", "dropout", "shortcut", "variant", "dataset", "epochs",
-    "batch_size", "lr", "momentum", "nesterov", "weight_decay", "milestones", "gamma",
-    "warmup_epochs", "label_smoothing", "seed",
+# Parameters every trial run gets besides the model hyperparameters, under the same
+# names for every architecture (so the MLflow compare view lines them up).
+TRAINING_PARAMS = (
+    "dataset", "epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay",
+    "milestones", "gamma", "warmup_epochs", "label_smoothing", "seed",
 )
+
+
+def run_param_names() -> tuple[str, ...]:
+    """arch, every registered family's hyperparameters, then the training params."""
+    from trainables.models.registry import hparam_names
+
+    return ("arch", *hparam_names(), *TRAINING_PARAMS)
 EPOCH_METRICS = (
     "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_second",
 )
@@ -228,15 +233,14 @@ def ensure_experiment(client: Any, name: str, artifact_location: str | None) -> 
 
 def run_params(config: dict[str, Any]) -> dict[str, str]:
     """Resolved trial configuration (paper defaults filled in) as MLflow params."""
-    from trainables.config import MODEL_HPARAMS, TrainConfig
+    from trainables.config import TrainConfig
     from trainables.trainable import trial_config
 
     cfg = TrainConfig.from_dict(trial_config(config))
     values = cfg.to_dict()
     out: dict[str, str] = {}
-    for name in RUN_PARAMS:
-        model_only = name in {"dropout", "shortcut", "variant", "width"}
-        if model_only and name not in MODEL_HPARAMS[cfg.arch]:
+    for name in run_param_names():
+        if name not in values:  # a hyperparameter of another family
             out[name] = "n/a"
         elif name == "milestones":
             out[name] = ",".join(f"{m:g}" for m in cfg.milestones)
@@ -247,10 +251,12 @@ def run_params(config: dict[str, Any]) -> dict[str, str]:
 
 def run_name(config: dict[str, Any], trial_id: str) -> str:
     """``arch-depth-width-trialid``, e.g. ``wrn-28-10-3f2a1_00004``."""
+    from trainables.config import TrainConfig
     from trainables.trainable import trial_config
 
-    values = trial_config(config)
-    return f"{values.get('arch')}-{values.get('depth')}-{values.get('width', 1)}-{trial_id}"
+    cfg = TrainConfig.from_dict(trial_config(config))
+    size = [str(cfg.model[k]) for k in ("depth", "width") if k in cfg.model]
+    return "-".join([cfg.arch, *size, trial_id])
 
 
 def _trial_gpus(trial: Any) -> str:

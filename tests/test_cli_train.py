@@ -51,6 +51,48 @@ def test_bad_input_exits_2_with_the_rule_and_no_traceback(tmp_path: Path) -> Non
     assert "--milestones" in result.stderr
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--arch", "wrn", "--momentum", "1.5"], "momentum must be in [0, 1), got momentum=1.5"),
+    (["--arch", "wrn", "--threads", "0"], "num_threads must be >= 1, got num_threads=0"),
+    (["--arch", "resnet", "--dropout", "0.3"],
+     "--dropout is not a hyperparameter of resnet (resnet takes depth, width, shortcut, init)"),
+    (["--arch", "wrn", "--momentum", "0"], "nesterov needs momentum > 0, got momentum=0"),
+], ids=["momentum", "threads", "foreign-hparam", "nesterov-without-momentum"])
+def test_bad_training_settings_are_refused(tmp_path: Path, args: list[str], message: str) -> None:
+    """The same bounds as sweep files (trainables.config.RECIPE_BOUNDS), nothing written."""
+    result = run("train", *args, "--out", str(tmp_path / "x"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"Error: {message}"]
+    assert not (tmp_path / "x").exists()
+
+
+def test_an_out_folder_with_a_run_needs_resume_or_force(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ["train", "--arch", "resnet", "--depth", "8", "--dataset", "digits",
+            "--batch-size", "64", "--device", "cpu", "--threads", "1", "--epochs", "2",
+            "--out", str(out)]
+    assert run(*args).returncode == 0
+    before = (out / "metrics.jsonl").read_text()
+    best = max(json.loads(x)["val_acc"] for x in before.splitlines())
+
+    again = run(*args)  # the same command twice would mix two runs in one folder
+    assert again.returncode == 2
+    assert "--resume continues it, --force starts over" in again.stderr
+    assert "Traceback" not in again.stderr
+    assert (out / "metrics.jsonl").read_text() == before
+
+    # Resuming a finished run trains nothing and reports the run's own best.
+    finished = run(*args, "--resume")
+    assert finished.returncode == 0, finished.stderr
+    assert f"best val_acc {best:.4f}" in finished.stdout
+    assert (out / "metrics.jsonl").read_text() == before
+
+    forced = run(*args[:-4], "--epochs", "1", "--out", str(out), "--force")
+    assert forced.returncode == 0, forced.stderr
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1]
+
+
 def test_missing_cifar_is_a_clear_error(tmp_path: Path) -> None:
     result = run("train", "--arch", "resnet", "--depth", "20", "--dataset", "cifar10",
                  "--data-root", str(tmp_path / "empty"), "--out", str(tmp_path / "o"))
@@ -65,7 +107,7 @@ def test_missing_cifar_is_a_clear_error(tmp_path: Path) -> None:
     "--data-root", "--download", "--epochs", "--batch-size", "--lr", "--momentum", "--nesterov",
     "--weight-decay", "--milestones", "--gamma", "--warmup-epochs", "--label-smoothing",
     "--seed", "--device", "--amp", "--channels-last", "--compile", "--threads", "--out",
-    "--resume",
+    "--resume", "--force", "--init", "--stride-on",
 ])
 def test_help_documents_every_option(option: str) -> None:
     from click.testing import CliRunner

@@ -44,7 +44,7 @@ def test_warmup_rises_linearly_from_a_tenth() -> None:
 def test_config_round_trips_and_rejects_bad_values() -> None:
     cfg = TrainConfig.from_dict(dict(arch="diracnet", depth=16, variant="v1", lr=0.05))
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
-    assert cfg.model_hparams() == {"depth": 16, "width": 1, "variant": "v1"}
+    assert cfg.model_hparams() == {"depth": 16, "width": 1, "variant": "v1", "init": "fan_in"}
     with pytest.raises(ValueError, match=r"milestones must be strictly increasing .* got "
                                          r"milestones=\[0.6, 0.3\]"):
         TrainConfig.from_dict(dict(arch="wrn", depth=16, milestones=[0.6, 0.3]))

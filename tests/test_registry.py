@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow  # MLflow's schema migrations on a new SQLite stor
 
 def _state() -> dict[str, Any]:
     model = build_model("resnet", num_classes=10, depth=8)
-    config = TrainConfig(arch="resnet", depth=8, epochs=1)
+    config = TrainConfig(arch="resnet", model={"depth": 8}, epochs=1)
     return {"model": model.state_dict(), "config": config.to_dict(), "num_classes": 10,
             "epoch": 1}
 

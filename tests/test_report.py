@@ -294,7 +294,7 @@ def test_paper_points_only_for_cifar_with_our_zoo_counts(tmp_path) -> None:
     assert c100["WRN-28-10"]["test_error"] == 18.85
 
     # The stored counts are what our zoo builds, for 100 classes as well (the 10-class
-    # counts are the ones tests/test_models.py pins). Pre-act ResNet-1001 is skipped:
+    # counts are the ones tests/test_zoo.py pins). Pre-act ResNet-1001 is skipped:
     # seconds to build even on the meta device; ResNet-164 checks the same formula.
     import torch
 
@@ -304,7 +304,7 @@ def test_paper_points_only_for_cifar_with_our_zoo_counts(tmp_path) -> None:
         if point.label != "pre-act ResNet-1001":
             with torch.device("meta"):
                 model = build_model(point.arch, num_classes=100, **point.hparams)
-            assert count_params(model) == point.params(100), point.label
+            assert count_params(model) == point.params_for(100), point.label
 
     # The reference stars are drawn with the sweep's points.
     trials = [_trial("wrn", 0.93), _trial("resnet", 0.91)]

@@ -32,8 +32,9 @@ from orchestrator.search import (
 )
 from orchestrator.space import define_by_run, milestones_from_unit
 from orchestrator.sweep import resources_fn
-from trainables.config import ARCHS, TrainConfig
+from trainables.config import TrainConfig
 from trainables.models import check_hparams
+from trainables.models.registry import names
 from trainables.trainable import trial_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,7 +129,7 @@ def test_conditional_space_is_namespaced_and_buildable(source: str) -> None:
         assert namespaced == {arch}, config
         train = _build(config)
         assert train.arch == arch
-        assert train.depth == config[f"{arch}.depth"]
+        assert train.model_hparams()["depth"] == config[f"{arch}.depth"]
     for trial in searcher._ot_study.get_trials(deepcopy=False):
         arch = trial.params["arch"]
         assert all(name == "arch" or name.startswith(f"{arch}.") for name in trial.params)
@@ -337,7 +338,7 @@ def test_milestones_from_unit_are_increasing_in_range_and_apart(spec: MilestoneS
     for u in _unit_vectors(spec.count):
         ms = milestones_from_unit(u, spec)
         _assert_milestones(ms, spec)
-        TrainConfig(arch="wrn", depth=16, milestones=tuple(ms))
+        TrainConfig(arch="wrn", model={"depth": 16}, milestones=tuple(ms))
 
 
 @pytest.mark.parametrize("searched", [
@@ -353,7 +354,7 @@ def test_milestones_survive_tiny_gaps_and_bounds(searched: str) -> None:
     for u in ([0.0] * spec.count, [1.0] * spec.count):
         ms = milestones_from_unit(u, spec)
         _assert_milestones(ms, spec)
-        TrainConfig(arch="wrn", depth=16, milestones=tuple(ms))
+        TrainConfig(arch="wrn", model={"depth": 16}, milestones=tuple(ms))
 
 
 def test_searched_milestones_reach_the_trial() -> None:
@@ -538,7 +539,7 @@ def test_resources_default_without_section() -> None:
     cfg = _cfg(TWO_ARCH)
     fn = resources_fn(cfg, cluster_has_gpu=True)
     assert all(fn({"arch": a}) == {"cpu": 1.0, "gpu": 0.0} for a in cfg.arch_names())
-    assert set(cfg.arch_names()) <= set(ARCHS)
+    assert set(cfg.arch_names()) <= set(names())
 
 
 # -- TPE with a capped history --------------------------------------------------------

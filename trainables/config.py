@@ -1,42 +1,37 @@
-"""The frozen configuration of one training run, and the papers' recipes.
+"""The frozen configuration of one training run.
 
 Config flows one way: YAML or CLI options -> a plain dict (what Ray Tune hands a
-trial) -> :class:`TrainConfig`. Every field has a unit or a reason. Fields the
-caller leaves out come from the paper recipe of the architecture
-(:data:`RECIPES`), so a sweep that says nothing about the optimiser still trains
-WRN with Nesterov and weight decay 5e-4, and ResNet with 1e-4 and /10 steps.
+trial) -> :class:`TrainConfig`. Every field has a unit or a reason. What the
+caller leaves out comes from the architecture's registration
+(``trainables.models.families``): model hyperparameters from their one default,
+optimiser and schedule from the paper's recipe, so a sweep that says nothing
+about the optimiser still trains WRN with Nesterov and weight decay 5e-4, and
+ResNet with 1e-4 and /10 steps.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-ARCHS = ("wrn", "resnet", "preact_resnet", "diracnet")
+from trainables.models.registry import get_family
 
-# Paper recipes. Milestones are fractions of the total epochs, so one recipe
-# serves a 200-epoch paper run and a 5-epoch smoke run alike.
-RECIPES: dict[str, dict[str, Any]] = {
-    # Zagoruyko & Komodakis 2016, section 4: SGD Nesterov 0.9, lr 0.1, wd 5e-4,
-    # batch 128, lr x0.2 at epochs 60/120/160 of 200 (30%/60%/80%).
-    "wrn": dict(nesterov=True, weight_decay=5e-4, milestones=(0.3, 0.6, 0.8), gamma=0.2),
-    # He et al. 2015, section 4.2: momentum 0.9 (no Nesterov), wd 1e-4, lr /10
-    # at 32k and 48k of 64k iterations (50%/75%).
-    "resnet": dict(nesterov=False, weight_decay=1e-4, milestones=(0.5, 0.75), gamma=0.1),
-    # He et al. 2016 (identity mappings) train CIFAR as in the 2015 paper.
-    "preact_resnet": dict(nesterov=False, weight_decay=1e-4, milestones=(0.5, 0.75), gamma=0.1),
-    # Zagoruyko & Komodakis 2017 reuse the WRN recipe for CIFAR.
-    "diracnet": dict(nesterov=True, weight_decay=5e-4, milestones=(0.3, 0.6, 0.8), gamma=0.2),
-}
-
-# Model hyperparameters each architecture's builder accepts (see trainables.models).
-MODEL_HPARAMS: dict[str, tuple[str, ...]] = {
-    "wrn": ("depth", "width", "dropout"),
-    "resnet": ("depth", "width", "shortcut"),
-    "preact_resnet": ("depth", "width"),
-    "diracnet": ("depth", "width", "variant"),
+# Bounds of the numeric training settings: one set for `wrnsweep train`, TrainConfig
+# and sweep files (orchestrator.config.checks reports them at the YAML key).
+RECIPE_BOUNDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "lr": (lambda v: v > 0, "lr must be > 0"),
+    "weight_decay": (lambda v: v >= 0, "weight_decay must be >= 0"),
+    "gamma": (lambda v: 0 < v <= 1, "gamma must be in (0, 1]"),
+    "epochs": (lambda v: v >= 1, "epochs must be >= 1"),
+    "batch_size": (lambda v: v >= 1, "batch_size must be >= 1"),
+    "warmup_epochs": (lambda v: v >= 0, "warmup_epochs must be >= 0"),
+    "label_smoothing": (lambda v: 0 <= v < 1, "label_smoothing must be in [0, 1)"),
+    "momentum": (lambda v: 0 <= v < 1, "momentum must be in [0, 1)"),
+    "num_threads": (lambda v: v >= 1, "num_threads must be >= 1"),
+    "eval_batch_size": (lambda v: v >= 1, "eval_batch_size must be >= 1"),
 }
 
 
@@ -44,12 +39,10 @@ MODEL_HPARAMS: dict[str, tuple[str, ...]] = {
 class TrainConfig:
     """Everything one trial needs; immutable so a run can be re-run from its log."""
 
-    arch: str  # one of ARCHS
-    depth: int  # total layers as the paper counts them (WRN-28-10 -> 28)
-    width: int = 1  # channel multiplier k: stage widths 16k/32k/64k
-    dropout: float = 0.0  # WRN only: element-wise dropout between the two 3x3 convs
-    shortcut: str = "A"  # ResNet only: "A" zero-pad identity, "B" 1x1 conv + BN projection
-    variant: str = "v2"  # DiracNet only: "v1" NCReLU + scalar alpha/beta, "v2" per-channel
+    arch: str  # a registered family: trainables.models.registry.names()
+    # The family's hyperparameters (depth, width, ...), every one resolved: those not
+    # given take the registry's default. Flat in to_dict()/from_dict() (Tune's config).
+    model: dict[str, Any] = field(default_factory=dict)
     dataset: str = "cifar10"  # cifar10 | cifar100 | digits | synthetic
     data_root: str | None = None  # CIFAR cache folder; None -> ~/.cache/wrnsweep
     download: bool = False  # CIFAR is fetched only when asked
@@ -59,10 +52,10 @@ class TrainConfig:
     eval_batch_size: int = 1024  # evaluation has no gradients: larger batches are cheaper
     lr: float = 0.1  # peak learning rate
     momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4  # L2 on every parameter, as the papers do
-    milestones: tuple[float, ...] = (0.3, 0.6, 0.8)  # fractions of `epochs`, ascending
-    gamma: float = 0.2  # lr multiplier at each milestone
+    nesterov: bool = None  # type: ignore[assignment]  # None -> the family's recipe
+    weight_decay: float = None  # type: ignore[assignment]  # L2 on every parameter; recipe
+    milestones: tuple[float, ...] = None  # type: ignore[assignment]  # fractions of `epochs`
+    gamma: float = None  # type: ignore[assignment]  # lr multiplier at each milestone; recipe
     warmup_epochs: int = 0  # linear warm-up from lr/10, in epochs
     label_smoothing: float = 0.0
     seed: int = 0  # seeds init, data order, augmentation and dropout
@@ -75,27 +68,23 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # unknown keys, kept for the log
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise ValueError(f"arch must be one of {list(ARCHS)}, got arch={self.arch!r}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got epochs={self.epochs}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got batch_size={self.batch_size}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got lr={self.lr}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got weight_decay={self.weight_decay}")
-        if not 0 < self.gamma <= 1:
-            raise ValueError(f"gamma must be in (0, 1], got gamma={self.gamma}")
+        family = get_family(self.arch)  # ValueError naming the registered families
+        object.__setattr__(self, "model", family.resolve(self.model))
+        for name, value in family.recipe.as_dict().items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
+        for name, (ok, rule) in RECIPE_BOUNDS.items():
+            value = getattr(self, name)
+            if value is not None and not ok(value):
+                raise ValueError(f"{rule}, got {name}={value!r}")
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov needs momentum > 0, got momentum=0")
         ms = self.milestones
         if any(not 0 < m < 1 for m in ms) or any(a >= b for a, b in itertools.pairwise(ms)):
             raise ValueError(
                 "milestones must be strictly increasing fractions of the epochs in (0, 1), "
                 f"got milestones={list(ms)}"
-            )
-        if not 0 <= self.label_smoothing < 1:
-            raise ValueError(
-                f"label_smoothing must be in [0, 1), got label_smoothing={self.label_smoothing}"
             )
         if not 0 <= self.warmup_epochs < self.epochs:
             raise ValueError(
@@ -104,29 +93,32 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        """Build from a flat dict, filling unspecified recipe fields from the paper.
+        """Build from a flat dict (what Tune hands a trial); ``None`` means the default.
 
-        Keys that are not fields are kept in ``extra`` (a Tune config may carry
-        bookkeeping keys) rather than silently dropped.
+        The family's hyperparameter names go into ``model``; keys that are not
+        fields are kept in ``extra`` (a Tune config may carry bookkeeping keys)
+        rather than silently dropped. Unspecified recipe fields come from the paper.
         """
         arch = values.get("arch")
-        merged: dict[str, Any] = dict(RECIPES.get(arch, {})) if isinstance(arch, str) else {}
-        names = {f.name for f in dataclasses.fields(cls)}
+        model_names = get_family(arch).hparam_names
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "model"}
+        fields: dict[str, Any] = {"model": {}}
         extra: dict[str, Any] = {}
         for key, value in values.items():
-            if value is None and key in RECIPES.get(arch, {}):
-                continue  # None means "the paper's value"
-            if key in names and key != "extra":
-                merged[key] = value
+            if key in model_names:
+                fields["model"][key] = value
+            elif key in names:
+                if value is not None:
+                    fields[key] = value
             else:
                 extra[key] = value
-        if "milestones" in merged:
-            merged["milestones"] = tuple(float(m) for m in merged["milestones"])
-        return cls(**merged, extra=extra)
+        return cls(**fields, extra=extra)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict; ``TrainConfig.from_dict(c.to_dict()) == c``."""
         out = dataclasses.asdict(self)
+        model = out.pop("model")
+        out = {"arch": out.pop("arch"), **model, **out}
         out["milestones"] = list(self.milestones)
         if not out["extra"]:
             out.pop("extra")
@@ -134,7 +126,7 @@ class TrainConfig:
 
     def model_hparams(self) -> dict[str, Any]:
         """The keyword arguments of ``build_model`` for this architecture."""
-        return {name: getattr(self, name) for name in MODEL_HPARAMS[self.arch]}
+        return dict(self.model)
 
     def milestone_epochs(self) -> list[int]:
         """Milestones as epoch indices: the lr changes at the start of these epochs."""

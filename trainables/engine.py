@@ -120,6 +120,7 @@ class Trainer:
         self.test_loader = Loader(self.splits.test, self.splits.spec, train=False,
                                   batch_size=cfg.eval_batch_size, **loader_args)
         self.epoch = 0  # epochs completed
+        self.best_val_acc = 0.0  # over the epochs run so far, kept across a resume
 
     # -- one epoch ---------------------------------------------------------------
     def _autocast(self) -> Any:
@@ -198,6 +199,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "epoch": self.epoch,
+            "best_val_acc": self.best_val_acc,
             "rng_cpu": torch.get_rng_state(),
             "config": self.cfg.to_dict(),
             "num_classes": self.splits.spec.num_classes,
@@ -210,6 +212,8 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch = int(state["epoch"])
+        # Checkpoints written before this field existed resume with 0: the next epoch sets it.
+        self.best_val_acc = float(state.get("best_val_acc", 0.0))
         torch.set_rng_state(state["rng_cpu"])
         if self.cuda and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"], self.device)
@@ -252,15 +256,15 @@ def train(
     trainer = Trainer(cfg, splits=splits)
     if state is not None:
         trainer.load_state_dict(state)
-    best = 0.0
     while trainer.epoch < cfg.epochs:
         result = trainer.run_epoch()
         if result.diverged:
             return {"status": "diverged", "epochs": trainer.epoch, "num_params":
-                    trainer.num_params, "best_val_acc": best, "test_acc": None,
+                    trainer.num_params, "best_val_acc": trainer.best_val_acc, "test_acc": None,
                     "trainer": trainer}
-        best = max(best, result.metrics["val_acc"])
+        trainer.best_val_acc = max(trainer.best_val_acc, result.metrics["val_acc"])
         if on_epoch is not None:
             on_epoch(trainer.epoch, result.metrics, trainer)
     return {"status": "finished", "epochs": trainer.epoch, "num_params": trainer.num_params,
-            "best_val_acc": best, "test_acc": trainer.test_accuracy(), "trainer": trainer}
+            "best_val_acc": trainer.best_val_acc, "test_acc": trainer.test_accuracy(),
+            "trainer": trainer}

@@ -11,13 +11,23 @@ Shortcuts where the shape changes:
   subsampling and zero-padded extra channels, no parameters;
 * option "B": a 1x1 conv with stride 2 followed by BN (a projection).
 
-``width`` multiplies 16/32/64 (1 is the paper). Parameters (10 classes, option A,
-width 1; counted by ``tests/test_models.py``)::
+Initialisation: the authors published no code for the CIFAR ResNets; the paper
+initialises "as in [13]" (He et al. 2015, "Delving Deep into Rectifiers", which
+derives N(0, 2/fan) for either fan).
 
-    ResNet-20     269,722      ResNet-56      853,018
-    ResNet-32     464,154      ResNet-110   1,727,962
-    ResNet-44     658,586      ResNet-1202 19,421,274
-    ResNet-20, option B: 272,474
+* ``init`` chooses the fan of the N(0, 2/fan) conv weights. ``"fan_out"``
+  (fan = k*k*C_out) follows the nearest code of the same authors:
+  KaimingHe/resnet-1k-layers ``resnet-pre-act.lua`` ``ConvInit``
+  (``n = kW*kH*nOutputPlane``), a file that says it incorporates material from
+  fb.resnet.torch. ``"fan_in"`` (fan = k*k*C_in) is the other form.
+* BN weight 1, bias 0, as ``BNInit`` in that file. torch7's own default would have
+  been U(0, 1) (``BatchNormalization:reset`` calls ``weight:uniform()``), a
+  library default rather than a paper choice.
+* classifier bias 0, weight PyTorch's default (see ``trainables.models._weights``).
+
+``width`` multiplies 16/32/64 (1 is the paper).
+Parameter counts of the paper's configurations are the registry's rows
+(``trainables/models/families.py``), checked by ``tests/test_zoo.py``.
 """
 
 from __future__ import annotations
@@ -26,16 +36,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainables.models._checks import check_choice, check_width, depth_6n2
-
-SHORTCUTS = ("A", "B")
-
-
-def check(*, depth: int = 20, width: int = 1, shortcut: str = "A") -> None:
-    """Raise ``ValueError`` naming the rule when the arguments are not a CIFAR ResNet."""
-    depth_6n2("ResNet", depth)
-    check_width(width)
-    check_choice("shortcut", shortcut, SHORTCUTS)
+from trainables.models._fold import (
+    FoldedNet,
+    FoldedResNetBlock,
+    copy_module,
+    fold_conv_bn,
+    require,
+)
+from trainables.models._weights import init_weights
 
 
 class PadShortcut(nn.Module):
@@ -76,9 +84,9 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    def __init__(self, depth: int, width: int, shortcut: str, num_classes: int) -> None:
+    def __init__(self, depth: int, width: int, shortcut: str, init: str,
+                 num_classes: int) -> None:
         super().__init__()
-        check(depth=depth, width=width, shortcut=shortcut)
         n = (depth - 2) // 6
         widths = [16 * width, 32 * width, 64 * width]
         self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
@@ -91,7 +99,7 @@ class CifarResNet(nn.Module):
                 cin = cout
         self.blocks = nn.Sequential(*blocks)
         self.fc = nn.Linear(widths[2], num_classes)
-        init_weights(self)
+        init_weights(self, init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         o = F.relu(self.bn1(self.conv1(x)))  # (B, 16k, 32, 32)
@@ -99,18 +107,34 @@ class CifarResNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(o, 1).flatten(1))
 
 
-def init_weights(model: nn.Module) -> None:
-    """He et al. initialise with kaiming-normal (their ref [13]); BN weight 1, bias 0."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.zeros_(m.bias)
+def build(*, num_classes: int, depth: int, width: int, shortcut: str, init: str) -> nn.Module:
+    """ResNet-depth; ``build(num_classes=10, depth=110, width=1, shortcut="A",
+    init="fan_out")`` is the paper's ResNet-110.
+
+    Arguments are not validated here: ``trainables.models.build_model`` checks them
+    (depth 6n+2, width >= 1, shortcut A or B, init fan_in or fan_out) and fills the
+    defaults.
+    """
+    return CifarResNet(depth, width, shortcut, init, num_classes)
 
 
-def build(*, num_classes: int, depth: int = 20, width: int = 1, shortcut: str = "A") -> nn.Module:
-    """ResNet-depth; ``build(num_classes=10, depth=110)`` is the paper's ResNet-110."""
-    return CifarResNet(depth, width, shortcut, num_classes)
+@torch.no_grad()
+def fold(model: nn.Module) -> nn.Module:
+    """``model`` for inference without BatchNorm, equal to ``model.eval()`` to rounding.
+
+    Post-activation: every BN reads exactly one conv's output (stem, conv1, conv2,
+    option-B projection), so all of them fold into that conv. A new eval-mode
+    module with ``model``'s dtype and device; ``model`` is unchanged.
+    """
+    require(model, CifarResNet, "resnet")
+    blocks: list[nn.Module] = []
+    for b in model.blocks:
+        shortcut = b.shortcut
+        if isinstance(shortcut, nn.Sequential):  # option B: 1x1 conv, BN
+            shortcut = fold_conv_bn(shortcut[0], shortcut[1])
+        else:  # identity or option A (no parameters)
+            shortcut = copy_module(shortcut)
+        blocks.append(FoldedResNetBlock(fold_conv_bn(b.conv1, b.bn1),
+                                        fold_conv_bn(b.conv2, b.bn2), shortcut))
+    stem = nn.Sequential(fold_conv_bn(model.conv1, model.bn1), nn.ReLU())
+    return FoldedNet(stem, blocks, nn.Identity(), copy_module(model.fc)).eval()

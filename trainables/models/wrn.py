@@ -13,19 +13,29 @@ Each block is pre-activation, "B(3,3)" with dropout in between::
 Pitfalls of reproductions that this file rules out:
 
 * dropout is element-wise ``F.dropout`` after the second BN-ReLU (not ``Dropout2d``,
-  not after the first conv);
-* every conv has ``bias=False`` (BN follows each one);
+  not after the first conv), as ``nn.Dropout`` in the authors' ``models/wide-resnet.lua``;
+* every conv has ``bias=False`` (BN follows each one; ``utils.DisableBias`` there);
 * the shortcut is a 1x1 conv without BN, only where the channel count changes,
-  fed with the pre-activated input as in the authors' code;
-* convs use kaiming-normal init with ``mode="fan_out"``, BN weight 1 / bias 0,
-  the classifier bias 0.
+  fed with the pre-activated input as in ``models/wide-resnet.lua`` and
+  ``pytorch/resnet.py`` (``convdim`` applied to ``o1``).
 
-Parameters (10 classes; counted by ``tests/test_models.py``)::
+Initialisation:
 
-    WRN-16-1      175,066      WRN-16-8    10,961,370
-    WRN-16-4    2,748,890      WRN-22-8    17,158,106
-    WRN-28-10  36,479,194      WRN-40-4     8,949,210
-    WRN-40-1      563,930      WRN-40-10   55,841,754
+* ``init`` chooses the fan of the N(0, 2/fan) conv weights. ``"fan_in"``
+  (fan = k*k*C_in) is the authors': ``models/utils.lua`` MSRinit draws
+  ``normal(0, sqrt(2/(kW*kH*nInputPlane)))`` and ``pytorch/utils.py`` ``conv_params``
+  calls ``kaiming_normal_`` with its default mode, fan_in. ``"fan_out"`` is what
+  many write-ups use.
+* BN weight 1, bias 0. The authors' code starts BN weights at U(0, 1): torch7's
+  ``SpatialBatchNormalization`` default (``reset`` calls ``weight:uniform()``; the
+  Lua model never re-initialises BN) and ``pytorch/utils.py`` ``bnparams``
+  (``torch.rand``). That is a library default, not a choice of the paper; we keep 1.
+* classifier bias 0 (``utils.FCinit``); its weight keeps PyTorch's default
+  U(-1/sqrt(fan_in), 1/sqrt(fan_in)), torch7's ``nn.Linear`` default that the Lua
+  model keeps (the PyTorch port draws it with ``kaiming_normal_`` instead).
+
+Parameter counts of the paper's configurations are the registry's rows
+(``trainables/models/families.py``), checked by ``tests/test_zoo.py``.
 """
 
 from __future__ import annotations
@@ -34,14 +44,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainables.models._checks import check_dropout, check_width, depth_6n4
-
-
-def check(*, depth: int = 16, width: int = 1, dropout: float = 0.0) -> None:
-    """Raise ``ValueError`` naming the rule when (depth, width, dropout) is not a WRN."""
-    depth_6n4("WRN", depth)
-    check_width(width)
-    check_dropout(dropout)
+from trainables.models._fold import (
+    FoldedNet,
+    FoldedWRNBlock,
+    bn_to_affine,
+    copy_module,
+    fold_conv_bn,
+    require,
+    stem_and_first_pre,
+)
+from trainables.models._weights import init_weights
 
 
 class BasicBlock(nn.Module):
@@ -72,9 +84,9 @@ class BasicBlock(nn.Module):
 class WideResNet(nn.Module):
     """WRN-depth-width for 32x32 inputs."""
 
-    def __init__(self, depth: int, width: int, dropout: float, num_classes: int) -> None:
+    def __init__(self, depth: int, width: int, dropout: float, init: str,
+                 num_classes: int) -> None:
         super().__init__()
-        check(depth=depth, width=width, dropout=dropout)
         n = (depth - 4) // 6
         widths = [16, 16 * width, 32 * width, 64 * width]
         self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
@@ -87,7 +99,7 @@ class WideResNet(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.bn = nn.BatchNorm2d(widths[3])
         self.fc = nn.Linear(widths[3], num_classes)
-        init_weights(self)
+        init_weights(self, init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         o = self.blocks(self.conv1(x))  # (B, 64k, 8, 8)
@@ -96,20 +108,34 @@ class WideResNet(nn.Module):
         return self.fc(o)
 
 
-def init_weights(model: nn.Module) -> None:
-    """Kaiming-normal (fan_out) convs, unit BN, zero classifier bias, as the authors do."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.zeros_(m.bias)
+def build(*, num_classes: int, depth: int, width: int, dropout: float, init: str) -> nn.Module:
+    """WRN-depth-width; ``build(num_classes=10, depth=28, width=10, dropout=0.3, init="fan_in")``.
+
+    Arguments are not validated here: ``trainables.models.build_model`` checks them
+    (depth 6n+4, width >= 1, dropout in [0, 1), init fan_in or fan_out) and fills
+    the defaults.
+    """
+    return WideResNet(depth, width, dropout, init, num_classes)
 
 
-def build(*, num_classes: int, depth: int = 28, width: int = 10, dropout: float = 0.0) -> nn.Module:
-    """WRN-depth-width; ``build(num_classes=10, depth=28, width=10, dropout=0.3)``."""
-    return WideResNet(depth, width, dropout, num_classes)
+@torch.no_grad()
+def fold(model: nn.Module) -> nn.Module:
+    """``model`` for inference without BatchNorm, equal to ``model.eval()`` to rounding.
+
+    Each ``bn2`` folds into the ``conv1`` before it; ``bn1`` becomes a fixed
+    :class:`~trainables.models._fold.Affine` (it reads a residual sum and feeds a
+    ReLU), except in the first block when its shortcut is a projection: then
+    nothing but ``bn1`` reads the stem conv, which absorbs it. The final BN is an
+    Affine too. A new eval-mode module with ``model``'s dtype and device;
+    ``model`` is unchanged.
+    """
+    require(model, WideResNet, "wrn")
+    stem, first_pre = stem_and_first_pre(model)
+    blocks: list[nn.Module] = []
+    for i, b in enumerate(model.blocks):
+        pre = first_pre if i == 0 else bn_to_affine(b.bn1)
+        shortcut = None if b.shortcut is None else copy_module(b.shortcut)
+        blocks.append(FoldedWRNBlock(pre, fold_conv_bn(b.conv1, b.bn2), copy_module(b.conv2),
+                                     shortcut))
+    post = nn.Sequential(bn_to_affine(model.bn), nn.ReLU())  # relu(bn(x)) before the pool
+    return FoldedNet(stem, blocks, post, copy_module(model.fc)).eval()
