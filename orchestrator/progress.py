@@ -11,7 +11,7 @@ from typing import Any
 
 from ray import tune
 
-from orchestrator.search import EPOCH_KEY, TOTAL_EPOCHS_KEY
+from trainables.result import EpochResult, better
 
 
 class ConsoleProgress(tune.Callback):
@@ -41,26 +41,29 @@ class ConsoleProgress(tune.Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:
         value = result.get(self.metric)
-        if isinstance(value, int | float) and (
-            self.best is None
-            or (value > self.best[0] if self.mode == "max" else value < self.best[0])
-        ):
+        best = None if self.best is None else self.best[0]
+        if isinstance(value, int | float) and better(value, best, self.mode):
             self.best = (float(value), trial.trial_id)
-        epoch = result.get(EPOCH_KEY, "?")
-        total = result.get(TOTAL_EPOCHS_KEY, "?")
+        epoch = EpochResult.parse(result)
         score = f"{value:.4f}" if isinstance(value, int | float) else "n/a"
         self.echo(f"{self._counts(trials)} {trial.trial_id} {trial.config.get('arch')} "
-                  f"epoch {epoch}/{total} {self.metric} {score}{self._best()}")
+                  f"epoch {epoch.epoch}/{epoch.total_epochs} {self.metric} {score}"
+                  f"{self._best()}")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        last = trial.last_result or {}
+        last = EpochResult.parse(trial.last_result or {})
         how = "finished"
-        if last.get("diverged"):
+        if last.diverged:
             how = "diverged"
-        elif last.get(EPOCH_KEY, 0) < last.get(TOTAL_EPOCHS_KEY, 0):
-            how = f"stopped early at epoch {last.get(EPOCH_KEY)}"
+        elif last.stopped_early:
+            how = f"stopped early at epoch {last.epoch}"
         self.echo(f"{self._counts(trials)} {trial.trial_id} {how}{self._best()}")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.echo(f"{self._counts(trials)} {trial.trial_id} FAILED: "
-                  f"{str(getattr(trial, 'error_msg', '') or '').strip().splitlines()[-1:]}")
+        self.echo(f"{self._counts(trials)} {trial.trial_id} FAILED: {failure_line(trial)}")
+
+
+def failure_line(trial: Any) -> str:
+    """The last line of a failed trial's error (``ValueError: boom``), as plain text."""
+    lines = str(getattr(trial, "error_msg", "") or "").strip().splitlines()
+    return lines[-1].strip() if lines else "no error message"

@@ -39,9 +39,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrator.store import GPU_TAG
 from trainables.models.registry import families, get_family, paper_rows
 
-GPU_TAG = "wrnsweep.gpu"
 HTML_FILE = "report.html"
 DATA_FILE = "report.json"
 ARTIFACT_DIR = "report"  # folder of the parent run's artifacts
@@ -143,7 +143,7 @@ def run_hours(start_ms: int | None, end_ms: int | None, *, now_ms: int | None = 
 def collect_trials(client: Any, plan: Any) -> list[Trial]:
     """The sweep's child runs in ``wrnsweep best`` order, with their val_acc curves."""
     from orchestrator.leaderboard import leaderboard
-    from orchestrator.tracking import PARENT_TAG
+    from orchestrator.store import PARENT_TAG
 
     rows = leaderboard(client, plan)
     runs = {r.info.run_id: r for r in client.search_runs(

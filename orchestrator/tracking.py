@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import threading
 import time
 from collections import deque
@@ -37,7 +36,20 @@ from typing import Any
 
 from ray import tune
 
-from orchestrator.search import EPOCH_KEY, TOTAL_EPOCHS_KEY
+from orchestrator.leaderboard import best_key
+from orchestrator.store import (  # noqa: F401  (re-exported: one definition, in store)
+    GPU_TAG,
+    PARENT_TAG,
+    SWEEP_TAG,
+    TRIAL_TAG,
+    ensure_experiment,
+    error_line,
+    git_commit,
+    is_local_store,
+    local_store_path,
+    mlflow_client,
+)
+from trainables.result import EpochResult, better
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +66,6 @@ def run_param_names() -> tuple[str, ...]:
     from trainables.models.registry import hparam_names
 
     return ("arch", *hparam_names(), *TRAINING_PARAMS)
-EPOCH_METRICS = (
-    "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_second",
-)
-PARENT_TAG = "mlflow.parentRunId"
-TRIAL_TAG = "wrnsweep.trial_id"
-SWEEP_TAG = "wrnsweep.sweep"
-GPU_TAG = "wrnsweep.gpu"  # GPUs the trial holds (a fraction with resources: auto)
 # How often the run map's snapshot is rewritten (seconds); changes are journaled at once.
 SNAPSHOT_S = 1.0
 
@@ -170,67 +175,6 @@ class BufferedWriter:
         return done
 
 
-def mlflow_client(tracking_uri: str) -> Any:
-    """A client whose model registry is the tracking store itself.
-
-    Without an explicit ``registry_uri`` MLflow falls back to a process-wide
-    default (``sqlite:///mlflow.db`` in the working directory), so versions
-    would be registered somewhere other than where the runs are.
-    """
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-
-
-def local_store_path(tracking_uri: str) -> Path | None:
-    """The file or folder of a local tracking store (SQLite database, file store).
-
-    None for a server (http, https, databricks, ...), whose existence only a request
-    can tell, and for an in-memory database.
-    """
-    from urllib.parse import urlparse
-    from urllib.request import url2pathname
-
-    if tracking_uri.lower().startswith("databricks"):  # "databricks", "databricks://profile"
-        return None
-    parsed = urlparse(tracking_uri)  # the scheme comes back lower-cased
-    if parsed.scheme == "sqlite":
-        # SQLAlchemy's forms: sqlite:///relative.db, sqlite:////absolute.db, and in its
-        # URI mode sqlite:///file:path.db?mode=ro&uri=true.
-        rest = tracking_uri.split(":", 1)[1].removeprefix("///").split("?", 1)[0]
-        if "uri=true" in parsed.query:
-            rest = rest.removeprefix("file:")
-        return Path(rest) if rest and rest != ":memory:" else None  # as SQLAlchemy: undecoded
-    if parsed.scheme == "file":
-        return Path(url2pathname(parsed.path))
-    if not parsed.scheme or len(parsed.scheme) == 1:  # a bare path (or C:\\ on Windows)
-        return Path(tracking_uri)
-    return None
-
-
-def error_line(err: BaseException) -> str:
-    """An error as one line for the terminal: its message's first line, else its type."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
-def git_commit(cwd: str | os.PathLike[str] | None = None) -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=cwd, timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
-def ensure_experiment(client: Any, name: str, artifact_location: str | None) -> str:
-    """The id of experiment ``name``, created (with its artifact root) if missing."""
-    existing = client.get_experiment_by_name(name)
-    if existing is not None:
-        return existing.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location)
-
-
 def run_params(config: dict[str, Any]) -> dict[str, str]:
     """Resolved trial configuration (paper defaults filled in) as MLflow params."""
     from trainables.config import TrainConfig
@@ -265,12 +209,6 @@ def _trial_gpus(trial: Any) -> str:
         return f"{float(trial.placement_group_factory.required_resources.get('GPU', 0)):g}"
     except AttributeError:  # a stand-in trial without resources
         return "0"
-
-
-def is_local_store(tracking_uri: str) -> bool:
-    """Whether MLflow writes to ``tracking_uri`` run in this process (SQLite, files)."""
-    return local_store_path(tracking_uri) is not None or \
-        tracking_uri.lower().startswith("sqlite:")  # an in-memory database too
 
 
 def journal_path(path: str | os.PathLike[str]) -> Path:
@@ -500,9 +438,6 @@ class SweepTracker(tune.Callback):
         self.client.log_batch(entry["run_id"], metrics=[Metric(k, float(v), now, step)
                                                         for k, v in values.items()])
 
-    def _better(self, value: float, best: float | None) -> bool:
-        return best is None or (value > best if self.mode == "max" else value < best)
-
     # -- Tune hooks ------------------------------------------------------------------
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._ensure_run(trial)
@@ -510,26 +445,28 @@ class SweepTracker(tune.Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:
         entry = self._ensure_run(trial)
-        epoch = int(result.get(EPOCH_KEY, result.get("training_iteration", 0)))
+        parsed = EpochResult.parse(result)
+        epoch = parsed.epoch
         with self._lock:
             # A trial retried or resumed from a checkpoint reports some epochs again:
             # queue each epoch once per driver (MLflow itself is checked in _log_epoch).
             if epoch <= max(entry["last_epoch"], self._queued.get(trial.trial_id, 0)):
                 return
             self._queued[trial.trial_id] = epoch
-            values = {k: result[k] for k in EPOCH_METRICS if k in result}
-            if self.metric in result and self._better(result[self.metric], entry["best"]):
+            values = dict(parsed.metrics)
+            if self.metric in result and better(result[self.metric], entry["best"], self.mode):
                 entry["best"] = result[self.metric]
             if entry["best"] is not None:
-                values[f"best_{self.metric}"] = entry["best"]
+                values[best_key(self.metric)] = entry["best"]
             values["epoch"] = epoch
-            for key in ("num_params", "test_acc"):
-                if result.get(key) is not None:
-                    values[key] = result[key]
+            if parsed.num_params is not None:
+                values["num_params"] = parsed.num_params
+            if parsed.test_acc is not None:
+                values["test_acc"] = parsed.test_acc
             entry["seen_epoch"] = epoch  # what Tune reported: decides the final status
             entry.setdefault("pending", {})[str(epoch)] = values  # until MLflow has it
-            entry["total_epochs"] = result.get(TOTAL_EPOCHS_KEY)
-            entry["diverged"] = bool(result.get("diverged"))
+            entry["total_epochs"] = parsed.total_epochs or None
+            entry["diverged"] = parsed.diverged
             self._save(trial.trial_id)
         self.writer.submit(lambda: self._log_epoch(trial.trial_id, entry, values, epoch))
 

@@ -23,10 +23,7 @@ from ray import tune
 from trainables.config import TrainConfig
 from trainables.data import Splits
 from trainables.engine import Trainer, load_checkpoint, save_checkpoint
-
-# Reported for a diverged trial so that the searcher learns the region is bad
-# (a NaN would be dropped by Tune and Optuna alike) while staying a finite float.
-DIVERGED_VAL_LOSS = 1e6
+from trainables.result import DIVERGED_VAL_LOSS, EpochResult
 
 
 def trial_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -124,16 +121,16 @@ def train_trial(config: dict[str, Any], splits: Splits | None = None) -> None:
         _maybe_oom()
         result = trainer.run_epoch()
         if result.diverged:
-            tune.report({"epoch": trainer.epoch + 1, "total_epochs": cfg.epochs,
-                         "diverged": 1, "val_acc": 0.0,
-                         "val_loss": DIVERGED_VAL_LOSS, "lr": result.metrics["lr"],
-                         "num_params": trainer.num_params})
+            tune.report(EpochResult(
+                epoch=trainer.epoch + 1, total_epochs=cfg.epochs, diverged=True,
+                metrics={"val_acc": 0.0, "val_loss": DIVERGED_VAL_LOSS,
+                         "lr": result.metrics["lr"]},
+                num_params=trainer.num_params).report())
             return
-        metrics: dict[str, Any] = {**result.metrics, "epoch": trainer.epoch,
-                                   "total_epochs": cfg.epochs, "diverged": 0,
-                                   "num_params": trainer.num_params}
-        if trainer.epoch == cfg.epochs:
-            metrics["test_acc"] = trainer.test_accuracy()
+        last = trainer.epoch == cfg.epochs
+        report = EpochResult(epoch=trainer.epoch, total_epochs=cfg.epochs,
+                             metrics=result.metrics, num_params=trainer.num_params,
+                             test_acc=trainer.test_accuracy() if last else None).report()
         with tempfile.TemporaryDirectory() as folder:
             save_checkpoint(trainer.state_dict(), folder)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+            tune.report(report, checkpoint=tune.Checkpoint.from_directory(folder))
