@@ -30,7 +30,8 @@ from orchestrator.config import (
     load_sweep,
     parse_sweep,
 )
-from trainables.config import ARCHS, MODEL_HPARAMS, TrainConfig
+from trainables.config import TrainConfig
+from trainables.models.registry import get_family, names
 
 ROOT = Path(__file__).resolve().parents[1]
 BAD = sorted((ROOT / "tests" / "bad_sweeps").glob("*.yaml"))
@@ -244,10 +245,11 @@ def test_defaults_and_conveniences() -> None:
 
 def test_schema_matches_model_hparams() -> None:
     fields = SweepConfig.model_fields["architectures"].annotation.model_fields  # type: ignore[union-attr]
-    assert tuple(fields) == ARCHS
-    for arch in ARCHS:
+    assert tuple(fields) == names()
+    for arch in names():
         space = fields[arch].annotation.__args__[0]  # type: ignore[union-attr]
-        assert tuple(n for n in space.model_fields if n != "recipe") == MODEL_HPARAMS[arch]
+        hparams = tuple(n for n in space.model_fields if n != "recipe")
+        assert hparams == get_family(arch).hparam_names
 
 
 # --------------------------------------------------------- cluster placement
@@ -279,3 +281,123 @@ def test_check_cluster_fits() -> None:
 def test_importing_the_config_does_not_import_torch() -> None:
     code = "import sys, orchestrator.config; assert 'torch' not in sys.modules, 'torch'"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+# ------------------------------------------------------------ YAML within limits
+
+
+def test_reader_builds_the_same_data_as_pyyaml() -> None:
+    """The limited composer is PyYAML's, event for event: same data for every shipped file."""
+    import yaml
+
+    from orchestrator.config.yaml_lines import _compose
+
+    for path in SHIPPED:
+        text = path.read_text()
+        assert _compose(text, str(path))[0] == yaml.safe_load(text), path.name
+
+
+def test_anchors_aliases_and_merge_keys_still_work() -> None:
+    """Sharing a block with &anchor / *alias / <<: is what aliases are for; it stays allowed."""
+    cfg = parse_sweep(
+        "name: t\n"
+        "recipe: &shared\n"
+        "  epochs: 10\n"
+        "  lr: {low: 0.01, high: 0.1, log: true}\n"
+        "architectures:\n"
+        "  wrn:\n"
+        "    depth: 16\n"
+        "    recipe: *shared\n"
+        "  resnet:\n"
+        "    depth: 20\n"
+        "    recipe:\n"
+        "      <<: *shared\n"
+        "      epochs: 20\n",
+        "anchors.yaml",
+    )
+    assert cfg.epochs_for("wrn") == 10 and cfg.epochs_for("resnet") == 20
+    assert cfg.params_for("resnet")["lr"] == Param("lr", "float", low=0.01, high=0.1, log=True)
+    assert cfg.line_of("architectures.wrn.recipe.lr") == 4  # the line of the anchor's text
+
+
+def test_lists_at_the_limit_load_and_are_checked_in_linear_time() -> None:
+    """1,000 choices and 900 starting points (the most a list may hold) load in well under 2 s.
+
+    The duplicate check used to scan the earlier choices for each one (40k choices: 30 s).
+    """
+    import time
+
+    choices = ", ".join(f"{i / 2000:.4f}" for i in range(1000))
+    points = "".join(f"    - {{dropout: {i / 2000:.4f}}}\n" for i in range(900))
+    text = (
+        "name: t\narchitectures:\n  wrn:\n    depth: 16\n"
+        f"    dropout: {{choices: [{choices}]}}\n"
+        f"search:\n  points_to_evaluate:\n{points}"
+    )
+    start = time.perf_counter()
+    cfg = parse_sweep(text, "big.yaml")
+    assert time.perf_counter() - start < 2.0
+    assert len(cfg.params_for("wrn")["dropout"].choices) == 1000
+    assert len(cfg.search.points_to_evaluate) == 900
+
+
+def test_duplicate_choices_compare_as_numbers_within_a_param() -> None:
+    """1 and 1.0 are one dropout (both floats once read); a bool is never a depth."""
+    with pytest.raises(ConfigError) as info:
+        parse_sweep(
+            MINIMAL.replace("depth: 16", "depth: 16\n    width: {choices: [1, 2]}")
+            + "recipe:\n  lr: {choices: [1, 1.0, 0.5]}\n",
+            "d.yaml",
+        )
+    assert [(i.key, i.message) for i in info.value.issues] == [
+        ("recipe.lr.choices.1", "1 appears twice in choices")
+    ]
+    with pytest.raises(ConfigError) as info:
+        parse_sweep("name: t\narchitectures:\n  wrn:\n    depth: {choices: [16, true]}\n", "b.yaml")
+    assert [(i.key, i.message) for i in info.value.issues] == [
+        ("architectures.wrn.depth.choices.1", "expected an integer, got true")
+    ]
+
+
+_ANCHOR = "a: &a [" + ", ".join(["1"] * 998) + "]\n"  # 999 values
+
+
+@pytest.mark.parametrize(
+    ("text", "refused"),
+    [
+        ("x: " + "[" * 15 + "]" * 15, False),  # the top mapping and 15 lists: 16 levels
+        ("x: " + "[" * 16 + "]" * 16, True),
+        # 4 + 999 + 9 * 999 + 6 = 10,000 values, aliases expanded; one more alias is 10,993
+        (_ANCHOR + "b: [" + ", ".join(["*a"] * 9) + "]\nc: 1\nd: 1\ne: 1", False),
+        (_ANCHOR + "b: [" + ", ".join(["*a"] * 10) + "]", True),
+        ("x: [" + ", ".join(["1"] * 1000) + "]", False),
+        ("x: [" + ", ".join(["1"] * 1001) + "]", True),
+        ("x: " + "a" * 4096, False),
+        ("x: " + "a" * 4097, True),
+        (f"x: {2**63 - 1}", False),
+        (f"x: {2**63}", True),
+    ],
+    ids=[
+        "depth16",
+        "depth17",
+        "nodes10k",
+        "nodes11k",
+        "items1000",
+        "items1001",
+        "chars4096",
+        "chars4097",
+        "int63",
+        "int64",
+    ],
+)
+def test_limits_are_exact(text: str, refused: bool) -> None:
+    """Each limit lets its bound through and refuses one more, at a located key."""
+    from orchestrator.config.yaml_lines import _compose
+
+    if refused:
+        with pytest.raises(ConfigError) as info:
+            _compose(text, "l.yaml")
+        (issue,) = info.value.issues
+        assert issue.line is not None and issue.key.split(".")[0] in ("x", "b")
+    else:
+        assert isinstance(_compose(text, "l.yaml")[0], dict)

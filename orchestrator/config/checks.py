@@ -10,16 +10,18 @@ errors. When pass 1 fails, each top-level section is re-validated alone
 checks, and every problem is reported at once.
 
 :class:`_Checker` collects the issues of both passes, each with the line of its
-key. :func:`check_cluster_fits` is the one check that needs the cluster; the
+key, and reports at most ``MAX_ISSUES`` of them. Every check is linear in the
+size of the file (choices are compared through a set, int ranges enumerated up
+to ``_MAX_ENUMERATED`` values), and ``yaml_lines`` bounds that size, so no file
+can make validation slow. :func:`check_cluster_fits` is the one check that needs the cluster; the
 sweep runs it at launch, once Ray's nodes are known.
 
-``trainables.models`` pulls in torch, so it is imported inside
-:func:`_import_check_hparams`, only when a file is validated.
+The buildability rules are the registry's (``trainables.models.families``); no
+network module, and so no torch, is imported to check them.
 """
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import math
 import re
@@ -31,7 +33,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from orchestrator.config.errors import ConfigIssue, _fmt
 from orchestrator.config.messages import (
-    _SUGGEST_CUTOFF,
+    _closest,
     _error_message,
     _field_types,
     _resolve_loc,
@@ -61,7 +63,9 @@ from orchestrator.config.schema import (
     _param_sources,
 )
 from orchestrator.config.yaml_lines import _line_of
-from trainables.config import ARCHS, MODEL_HPARAMS
+from trainables.config import RECIPE_BOUNDS
+from trainables.models import check_hparams
+from trainables.models.registry import get_family, names
 
 # The largest GPU node any cloud sells today (8x A100/H100/H200 boxes); a trial
 # asking for more can never be placed, so it is rejected before Ray waits forever.
@@ -69,12 +73,30 @@ MAX_GPUS_PER_NODE = 8
 # More than five LR drops has no precedent in the seed papers (they use 2 or 3),
 # and each one is a search dimension.
 MAX_MILESTONES = 5
-# Checking every value of a huge int range would stall `wrnsweep validate`.
-_MAX_ENUMERATED = 100_000
+# Every value of an int range is checked against the family's rules (~15 us each
+# on a loaded 2-core machine), and a file has an int range per int hyperparameter
+# of each family (8 today): 1,000 values each, as many as a choices list may hold
+# (yaml_lines.MAX_ITEMS), keep the whole check near 0.1 s. No hyperparameter of
+# these families has more than a few dozen useful values.
+_MAX_ENUMERATED = 1_000
+# A float range cut into more steps than this is continuous in all but name, and
+# beyond 2**53 steps the division that checks the step loses its precision.
+_MAX_STEPS = 1e12
+# Optuna's samplers hand the seed to NumPy, which takes 0 .. 2**32 - 1.
+_MAX_SEED = 2**32 - 1
+# A folder name (255 bytes on every common file system) that Ray and MLflow
+# extend with their own suffixes; 100 characters leave room for them.
+MAX_NAME_LENGTH = 100
 # A sweep name is a folder name, an MLflow experiment and model name, and goes into
 # MLflow filter strings: no quotes, no slashes, and not "." or "..".
 SWEEP_NAME = re.compile(r"(?!\.\.?$)[A-Za-z0-9_.-]+")
 SWEEP_NAME_RULE = "[A-Za-z0-9_.-]+ (not . or ..)"
+
+
+# Issues reported for one file; beyond them, a count. A file with more is not a
+# sweep file with typos, and each pass-1 message costs a "did you mean" search
+# (~0.1 ms): 5,000 unknown keys took 1.5 s to word, and nobody reads them all.
+MAX_ISSUES = 200
 
 
 class _Checker:
@@ -84,7 +106,25 @@ class _Checker:
         self.filename = filename
         self.lines = lines
         self.issues: list[ConfigIssue] = []
+        self.unworded = 0  # pass-1 errors past MAX_ISSUES: counted, not worded
         self._seen: set[tuple[str, str]] = set()
+
+    def report(self) -> list[ConfigIssue]:
+        """The issues in file order, at most ``MAX_ISSUES`` of them and then how many more."""
+        issues = sorted(self.issues, key=lambda i: i.line or 0)
+        more = len(issues) - MAX_ISSUES + self.unworded
+        if more <= 0:
+            return issues
+        shown = issues[:MAX_ISSUES]
+        return [
+            *shown,
+            ConfigIssue(
+                self.filename,
+                None,
+                "",
+                f"... and {more:,} more issues not shown; fix the ones above first",
+            ),
+        ]
 
     def add(self, key: str, message: str) -> None:
         # The shared recipe is checked once per architecture that uses it; say it once.
@@ -95,17 +135,18 @@ class _Checker:
 
     def add_validation_error(self, exc: ValidationError) -> None:
         errors = []
-        for err in exc.errors(include_url=False):
+        raw = exc.errors(include_url=False)
+        self.unworded += max(0, len(raw) - MAX_ISSUES)
+        for err in raw[:MAX_ISSUES]:
             parts, holder, end = _resolve_loc(tuple(err["loc"]))
             errors.append((err, parts, holder, end))
         # A misspelt key also makes its correct name "missing"; the did-you-mean says both.
         suggested = {
             (".".join(parts[:-1]), m)
             for err, parts, holder, _ in errors
-            if err["type"] == "extra_forbidden" and holder is not None
-            for m in difflib.get_close_matches(
-                parts[-1], list(holder.model_fields), 1, _SUGGEST_CUTOFF
-            )
+            if err["type"] == "extra_forbidden"
+            and holder is not None
+            and (m := _closest(parts[-1], holder.model_fields)) is not None
         }
         for err, parts, holder, end in errors:
             if err["type"] == "missing" and (".".join(parts[:-1]), parts[-1]) in suggested:
@@ -168,7 +209,7 @@ def _sections_alone(data: dict[str, Any]) -> _Sections:
     archs: dict[str, ArchSpace] = {}
     named: list[str] = []
     if isinstance(raw_archs, dict):
-        named = [a for a in ARCHS if a in raw_archs]
+        named = [a for a in names() if a in raw_archs]
         arch_hints = _field_types(Architectures)
         for arch in named:
             space = _validate_alone(arch_hints[arch], raw_archs[arch])
@@ -194,32 +235,36 @@ def _check_meaning(ck: _Checker, s: _Sections) -> None:
         ck.add(
             "name",
             f"must match {SWEEP_NAME_RULE} (it names the Optuna study, the MLflow experiment "
-            f"and the output folder), got {s.name!r}",
+            f"and the output folder), got {_fmt(s.name)}",
+        )
+    elif s.name is not None and len(s.name) > MAX_NAME_LENGTH:
+        ck.add(
+            "name",
+            f"must be at most {MAX_NAME_LENGTH} characters (it names the output folder), "
+            f"got {len(s.name)}",
         )
     if isinstance(s.dataset, DatasetSpec) and s.dataset.synthetic_size < 1:
         ck.add("dataset.synthetic_size", f"must be >= 1, got {s.dataset.synthetic_size}")
     if s.archs_complete and not s.archs:
-        ck.add("architectures", f"give at least one architecture, of {', '.join(ARCHS)}")
+        ck.add("architectures", f"give at least one architecture, of {', '.join(names())}")
 
     epochs_default = _TRAIN_DEFAULTS["epochs"]
     shared_epochs = s.recipe.epochs if s.recipe is not None and s.recipe.epochs else epochs_default
     if s.recipe is not None:
         _check_recipe(ck, "recipe", s.recipe, shared_epochs)
 
-    check_hparams = _import_check_hparams()
     for arch, space in s.archs.items():
-        for name in MODEL_HPARAMS[arch]:
+        for name in get_family(arch).hparam_names:
             spec = getattr(space, name)
             if spec is None:
                 continue
             key = f"architectures.{arch}.{name}"
-            if _check_form(ck, key, spec) and not (name == "depth" and _too_big(ck, key, spec)):
+            if _check_form(ck, key, spec) and not _too_big(ck, key, spec):
                 _check_buildable(ck, check_hparams, arch, name, key, spec)
         if space.recipe is not None:
             own_epochs = space.recipe.epochs or shared_epochs
             _check_recipe(ck, f"architectures.{arch}.recipe", space.recipe, own_epochs)
-        if s.recipe is not None:
-            _check_merged_recipe(ck, _merge_recipes(s.recipe, space.recipe, arch))
+        _check_merged_recipe(ck, arch, _merge_recipes(s.recipe, space.recipe, arch))
 
     if s.search is not None:
         _check_search(ck, s, check_hparams)
@@ -234,13 +279,6 @@ def _check_meaning(ck: _Checker, s: _Sections) -> None:
         )
 
 
-def _import_check_hparams() -> Callable[..., None]:
-    # torch comes with trainables.models: import it only when a file is validated.
-    from trainables.models import check_hparams
-
-    return check_hparams
-
-
 def _check_form(ck: _Checker, key: str, spec: Any) -> bool:
     """choices non-empty and distinct; low < high; step > 0 and dividing; log needs low > 0."""
     before = len(ck.issues)
@@ -250,9 +288,17 @@ def _check_form(ck: _Checker, key: str, spec: Any) -> bool:
                 f"{key}.choices",
                 "choices must not be empty: give at least one value (or a constant)",
             )
+        # One pass with a set (a scan of the earlier items took 30 s for 40k choices).
+        # After pass 1 the choices of one param are all ints, all floats or all
+        # strings (bools are refused), so hashing agrees with == here: 1 and 1.0
+        # in a float param are one value, as they were. The bool flag in the key
+        # keeps True apart from 1 should a bool ever get through.
+        seen: set[tuple[bool, Any]] = set()
         for i, value in enumerate(spec.choices):
-            if value in spec.choices[:i]:
+            mark = (isinstance(value, bool), value)
+            if mark in seen:
                 ck.add(f"{key}.choices.{i}", f"{_fmt(value)} appears twice in choices")
+            seen.add(mark)
     elif isinstance(spec, IntRange | FloatRange):
         low, high, step = spec.low, spec.high, spec.step
         if not low < high:
@@ -273,7 +319,13 @@ def _check_form(ck: _Checker, key: str, spec: Any) -> bool:
                 )
             elif low < high:
                 n = (high - low) / step
-                if abs(n - round(n)) > 1e-9 * max(1.0, abs(n)):
+                if not math.isfinite(n) or n > _MAX_STEPS:
+                    ck.add(
+                        f"{key}.step",
+                        f"step {_fmt(step)} cuts {_fmt(low)}..{_fmt(high)} into more than "
+                        f"{_MAX_STEPS:.0e} steps; use a larger step or none",
+                    )
+                elif abs(n - round(n)) > 1e-9 * max(1.0, abs(n)):
                     fixed = low + math.floor(n + 1e-9) * step
                     ck.add(
                         f"{key}.step",
@@ -290,7 +342,8 @@ def _too_big(ck: _Checker, key: str, spec: Any) -> bool:
         if count > _MAX_ENUMERATED:
             ck.add(
                 key,
-                f"range has {count} values; at most {_MAX_ENUMERATED} can be checked, narrow it",
+                f"range has {count:,} values; at most {_MAX_ENUMERATED:,} can be checked "
+                "(as many as a choices list may hold), narrow it",
             )
             return True
     return False
@@ -322,7 +375,8 @@ def _check_buildable(
         if len(bad) == 1:
             ck.add(key, f"value {bad[0][0]} cannot be built: {bad[0][1]}")
         elif bad:
-            good = [v for v in values if v not in {b for b, _ in bad}]
+            bad_values = {b for b, _ in bad}  # once: inside the comprehension it was quadratic
+            good = [v for v in values if v not in bad_values]
             shown = ", ".join(str(v) for v, _ in bad[:6]) + (", ..." if len(bad) > 6 else "")
             fix = f"; use {{choices: {_fmt(good[:8])}}} instead" if good else ""
             ck.add(
@@ -337,22 +391,10 @@ def _check_buildable(
         one(key, spec)
 
 
-# Numeric rules of the recipe: name -> (test, rule text). Mirrors TrainConfig.__post_init__
-# so a bad value fails at validate time instead of in the first trial.
-_RECIPE_BOUNDS: dict[str, tuple[Callable[[float], bool], str]] = {
-    "lr": (lambda v: v > 0, "lr must be > 0"),
-    "weight_decay": (lambda v: v >= 0, "weight_decay must be >= 0"),
-    "gamma": (lambda v: 0 < v <= 1, "gamma must be in (0, 1]"),
-    "epochs": (lambda v: v >= 1, "epochs must be >= 1"),
-    "batch_size": (lambda v: v >= 1, "batch_size must be >= 1"),
-    "warmup_epochs": (lambda v: v >= 0, "warmup_epochs must be >= 0"),
-    "label_smoothing": (lambda v: 0 <= v < 1, "label_smoothing must be in [0, 1)"),
-    "momentum": (lambda v: 0 <= v < 1, "momentum must be in [0, 1)"),
-}
-
-
 def _check_bounds(ck: _Checker, name: str, key: str, spec: Any) -> None:
-    test, rule = _RECIPE_BOUNDS[name]
+    # The bounds TrainConfig and `wrnsweep train` apply: a bad value fails here, at
+    # validate time, with the same rule instead of in the first trial.
+    test, rule = RECIPE_BOUNDS[name]
     if isinstance(spec, FloatChoices):
         items = [(f"{key}.choices.{i}", v) for i, v in enumerate(spec.choices)]
     elif isinstance(spec, FloatRange):
@@ -434,16 +476,19 @@ def _check_milestone_search(ck: _Checker, key: str, spec: MilestoneSearch) -> No
         )
 
 
-def _check_merged_recipe(ck: _Checker, merged: dict[str, tuple[Any, str]]) -> None:
+def _check_merged_recipe(ck: _Checker, arch: str,
+                         merged: dict[str, tuple[Any, str]]) -> None:
     """Rules that span keys which may come from the shared recipe and an override."""
     epochs = merged.get("epochs", (_TRAIN_DEFAULTS["epochs"], ""))[0]
     if "warmup_epochs" in merged and epochs >= 1:
         warmup, key = merged["warmup_epochs"]
         if warmup >= epochs:
             ck.add(key, f"warmup_epochs must be < epochs ({epochs}), got {warmup}")
-    if "momentum" in merged and merged["momentum"][0] == 0 and merged.get("nesterov", (False,))[0]:
+    nesterov, said = merged.get("nesterov", (get_family(arch).recipe.nesterov, ""))
+    if "momentum" in merged and merged["momentum"][0] == 0 and nesterov:
         # torch.optim.SGD raises "Nesterov momentum requires a momentum" in the first trial.
-        ck.add(merged["momentum"][1], "nesterov: true needs momentum > 0, got momentum=0")
+        why = "nesterov: true" if said else f"nesterov (the {arch} recipe's; set nesterov: false)"
+        ck.add(merged["momentum"][1], f"{why} needs momentum > 0, got momentum=0")
 
 
 def _check_search(ck: _Checker, s: _Sections, check_hparams: Callable[..., None]) -> None:
@@ -472,6 +517,10 @@ def _check_search(ck: _Checker, s: _Sections, check_hparams: Callable[..., None]
         ck.add("search.num_samples", f"must be >= 1, got {search.num_samples}")
     if search.max_concurrent < 1:
         ck.add("search.max_concurrent", f"must be >= 1, got {search.max_concurrent}")
+    if not 0 <= search.seed <= _MAX_SEED:
+        ck.add(
+            "search.seed", f"must be in [0, {_MAX_SEED}] (NumPy's seed range), got {search.seed}"
+        )
     if search.n_startup_trials is not None and search.n_startup_trials < 0:
         ck.add("search.n_startup_trials", f"must be >= 0, got {search.n_startup_trials}")
     if search.algorithm == "grid":
@@ -513,7 +562,8 @@ def _check_point(
     if space is None:
         return  # that architecture has its own errors
     sources = _param_sources(arch, space, s.recipe)
-    allowed = list(MODEL_HPARAMS[arch]) + list(SEARCHABLE_RECIPE_KEYS)
+    model_names = get_family(arch).hparam_names
+    allowed = list(model_names) + list(SEARCHABLE_RECIPE_KEYS)
     before = len(ck.issues)
     model_values: dict[str, Any] = {}
     for name, value in point.items():
@@ -527,7 +577,7 @@ def _check_point(
                 f"(allowed: arch, {', '.join(allowed)})",
             )
         elif name not in sources:
-            where = f"architectures.{arch}.{name}" if name in MODEL_HPARAMS[arch] else "recipe"
+            where = f"architectures.{arch}.{name}" if name in model_names else "recipe"
             ck.add(
                 k,
                 f"{name} is not part of the {arch} space; "
@@ -537,7 +587,7 @@ def _check_point(
             problem = _outside(sources[name][0], value)
             if problem:
                 ck.add(k, f"value {_fmt(value)} is outside the {arch} space: {problem}")
-            elif name in MODEL_HPARAMS[arch]:
+            elif name in model_names:
                 model_values[name] = value
     if len(ck.issues) == before and model_values:
         try:
@@ -627,12 +677,13 @@ def _check_scheduler(ck: _Checker, s: _Sections) -> None:
 
 
 def _check_resources(ck: _Checker, resources: dict[str, Any]) -> None:
-    names = ["default", *ARCHS]
+    allowed = ["default", *names()]
     for arch, value in resources.items():
         key = f"resources.{arch}"
-        if arch not in names:
+        if arch not in allowed:
             ck.add(
-                key, f"unknown key {arch!r}{_suggest(arch, names)} (allowed: {', '.join(names)})"
+                key,
+                f"unknown key {arch!r}{_suggest(arch, allowed)} (allowed: {', '.join(allowed)})",
             )
             continue
         if not isinstance(value, ResourceSpec):

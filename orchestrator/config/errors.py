@@ -12,6 +12,7 @@ number validator uses it as well as both passes.
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,11 +29,23 @@ class ConfigIssue:
 
     def __str__(self) -> str:
         where = self.file if self.line is None else f"{self.file}:{self.line}"
-        return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+        text = f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+        # One issue, one line: a key or value from the file may hold a line break
+        # (a quoted "a\nb", a block scalar), which is shown escaped.
+        return text.translate(_LINE_BREAKS)
+
+
+# Every character str.splitlines() breaks on, and the other control characters.
+_LINE_BREAKS = {
+    c: repr(chr(c))[1:-1] for c in (*range(0x20), 0x7F, 0x85, 0x2028, 0x2029) if c != 0x09
+}
 
 
 class ConfigError(Exception):
-    """A sweep file is invalid; ``issues`` lists every problem found, in file order."""
+    """A sweep file is invalid; ``issues`` lists the problems found, in file order.
+
+    At most 200 (``checks.MAX_ISSUES``); past them, a last issue says how many more.
+    """
 
     def __init__(self, issues: Sequence[ConfigIssue]) -> None:
         self.issues = list(issues)
@@ -51,12 +64,21 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         text = repr(value)
         return text[:-2] if text.endswith(".0") else text
-    if isinstance(value, tuple | list) and all(
-        v is None or isinstance(v, bool | int | float | str) for v in value
-    ):  # flat lists only: a YAML alias can make a list contain itself
-        text = "[" + ", ".join(_fmt(v) for v in value) + "]"
+    if isinstance(value, tuple | list):  # nested at most 16 deep (yaml_lines.MAX_DEPTH)
+        parts: list[str] = []
+        size = 0
+        for v in value:  # only as many items as are shown: a message may name 1,000 choices
+            parts.append(_fmt(v))
+            size += len(parts[-1]) + 2
+            if size > 60:
+                break
+        text = "[" + ", ".join(parts) + "]"
         return text if len(text) <= 60 else text[:57] + "..."
     if isinstance(value, str):
-        return repr(value)
+        # A value may be up to 4,096 characters (yaml_lines.MAX_SCALAR_CHARS); a
+        # message shows its start and its length.
+        return repr(value) if len(value) <= 60 else f"{value[:50]!r}... ({len(value)} characters)"
+    if isinstance(value, datetime.date):  # YAML reads 2024-01-01 as a date
+        return value.isoformat()
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."

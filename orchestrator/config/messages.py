@@ -8,40 +8,80 @@ the file's own terms: an unknown key gets a ``difflib`` suggestion or is pointed
 at the section it belongs in, a type error shows the value as written, and a
 list given as a param is shown in its ``{choices: [...]}`` form.
 
-:func:`_suggest` and :func:`_field_types` are shared with pass 2 (``checks``).
+:func:`_suggest` ("did you mean": another case, another tool's word, or a close
+spelling), :func:`_closest` and :func:`_field_types` are shared with pass 2
+(``checks``).
 """
 
 from __future__ import annotations
 
+import datetime
 import difflib
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
-from functools import cache
+from functools import cache, lru_cache
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, Discriminator, Tag
 
 from orchestrator.config.errors import _fmt
 from orchestrator.config.schema import (
+    _SYNONYMS,
+    ARCH_SPACES,
     Architectures,
-    DiracNetSpace,
-    PreactResNetSpace,
     RecipeSpec,
-    ResNetSpace,
     SweepConfig,
-    WrnSpace,
 )
-from trainables.config import ARCHS, MODEL_HPARAMS
+from trainables.models.registry import hparam_names, names
 
 # difflib similarity above which a key counts as a misspelling: "wrm" -> "wrn" (0.67)
 # is one, "dropout" -> "depth" (0.5) is not.
 _SUGGEST_CUTOFF = 0.6
 
 
+def _closest(word: str, options: Iterable[str]) -> str | None:
+    """The option ``word`` was probably meant to be, or None.
+
+    In order: the same word in another case (``TPE`` -> ``tpe``: difflib compares
+    case-sensitively and finds nothing), the word other tools use for it
+    (``min`` -> ``low``, see ``_SYNONYMS``), then a close spelling.
+    """
+    return _closest_in(word, tuple(options))
+
+
+@lru_cache(maxsize=4096)  # looked up for its message and for "missing" suppression
+def _closest_in(word: str, options: tuple[str, ...]) -> str | None:
+    folded = {o.casefold(): o for o in options}
+    same = folded.get(word.casefold())
+    if same is not None and same != word:
+        return same
+    synonym = _SYNONYMS.get(word.casefold())
+    if synonym in options:
+        return synonym
+    match = difflib.get_close_matches(word, options, n=1, cutoff=_SUGGEST_CUTOFF)
+    return match[0] if match else None
+
+
 def _suggest(word: str, options: Iterable[str]) -> str:
-    match = difflib.get_close_matches(word, list(options), n=1, cutoff=_SUGGEST_CUTOFF)
-    return f"; did you mean {match[0]!r}?" if match else ""
+    match = _closest(word, options)
+    return f"; did you mean {match!r}?" if match else ""
+
+
+# `depth:16` is one string to YAML, not a key and a value.
+_GLUED = re.compile(r"([A-Za-z_]\w*):(\S[^\n]{0,40})")
+
+
+def _key_hints(bad: str) -> str:
+    """Why a key that looks right is not: a missing space after ':', a look-alike letter."""
+    glued = _GLUED.fullmatch(bad)
+    if glued:
+        return f" (YAML needs a space after the colon: {glued[1]}: {glued[2]})"
+    odd = next((c for c in bad if not c.isascii()), None)
+    if odd is not None:
+        return f" (it contains {odd!r}, U+{ord(odd):04X}, not an ASCII character)"
+    return ""
 
 
 _TYPE_MESSAGES = {
@@ -132,20 +172,12 @@ def _resolve_loc(loc: tuple[Any, ...]) -> tuple[list[str], type[BaseModel] | Non
     return parts, holder, _unannotated(_strip_optional(tp))
 
 
-_ARCH_SPACES: dict[str, type[BaseModel]] = {
-    "wrn": WrnSpace,
-    "resnet": ResNetSpace,
-    "preact_resnet": PreactResNetSpace,
-    "diracnet": DiracNetSpace,
-}
-
-
 def _unknown_key_message(bad: str, holder: type[BaseModel] | None, parts: list[str]) -> str:
     allowed = list(holder.model_fields) if holder is not None else []
-    hint = _suggest(bad, allowed)
+    hint = _suggest(bad, allowed) + _key_hints(bad)
     if holder is Architectures:
-        return f"unknown architecture {bad!r}{hint} (one of {', '.join(ARCHS)})"
-    if holder in _ARCH_SPACES.values():
+        return f"unknown architecture {bad!r}{hint} (one of {', '.join(names())})"
+    if holder in ARCH_SPACES.values():
         arch = parts[-2]
         if bad in RecipeSpec.model_fields:
             return (
@@ -155,7 +187,7 @@ def _unknown_key_message(bad: str, holder: type[BaseModel] | None, parts: list[s
         return (
             f"{bad!r} is not a hyperparameter of {arch}{hint} ({arch} takes {', '.join(allowed)})"
         )
-    if holder is RecipeSpec and any(bad in names for names in MODEL_HPARAMS.values()):
+    if holder is RecipeSpec and bad in hparam_names():
         return f"{bad!r} is a model hyperparameter: put it under architectures.<arch>.{bad}"
     return f"unknown key {bad!r}{hint} (allowed: {', '.join(allowed)})"
 
@@ -182,5 +214,30 @@ def _error_message(err: Mapping[str, Any], parts: list[str], holder: Any, end: A
         return f"expected {_PARAM_FORMS}, got {_fmt(value)}"
     if etype in _TYPE_MESSAGES:
         shown = repr(value) if isinstance(value, float) else _fmt(value)  # 28.0, not 28
-        return f"{_TYPE_MESSAGES[etype]}, got {shown}"
+        return f"{_TYPE_MESSAGES[etype]}, got {shown}{_type_hint(etype, value)}"
+    if etype in _BOUND_MESSAGES:
+        op, name = _BOUND_MESSAGES[etype]
+        return f"must be {op} {_fmt(err['ctx'][name])}, got {_fmt(value)}"
     return str(err["msg"]).removeprefix("Value error, ")
+
+
+# pydantic's Field(ge=..) and friends, worded as pass 2 words its own bounds.
+_BOUND_MESSAGES = {
+    "greater_than_equal": (">=", "ge"),
+    "greater_than": (">", "gt"),
+    "less_than_equal": ("<=", "le"),
+    "less_than": ("<", "lt"),
+}
+
+
+def _type_hint(etype: str, value: Any) -> str:
+    """What YAML did to the value the user wrote, when that explains the type error."""
+    if isinstance(value, bool) and etype == "string_type":
+        return " (YAML 1.1 reads yes/no/on/off as true/false: put the value in quotes)"
+    if isinstance(value, datetime.date) and etype == "string_type":
+        return " (YAML reads it as a date: put the value in quotes)"
+    mapping = etype in ("dict_type", "model_type", "model_attributes_type")
+    glued = _GLUED.fullmatch(value) if mapping and isinstance(value, str) else None
+    if glued:
+        return f" (YAML needs a space after the colon: {glued[1]}: {glued[2]})"
+    return ""

@@ -23,7 +23,7 @@ import dataclasses
 import difflib
 import math
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import (
     BaseModel,
@@ -34,13 +34,17 @@ from pydantic import (
     PrivateAttr,
     Strict,
     Tag,
+    ValidationInfo,
+    create_model,
+    field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
 from orchestrator.config.errors import _fmt
 from orchestrator.config.yaml_lines import _line_of
-from trainables.config import ARCHS, MODEL_HPARAMS, TrainConfig
+from trainables.config import TrainConfig
+from trainables.models.registry import Family, families, get_family, names
 
 # Per-epoch metrics a sweep may optimise, with the only sensible direction.
 # test_acc is deliberately absent: choosing on the test set leaks it.
@@ -149,6 +153,31 @@ class MilestoneSearch(_Model):
     min_gap: Number = 0.05
 
 
+# Other tools' words for this file's keys and values (W&B: min/max and values, Ray
+# Tune: lower/upper, Hyperopt: q, Optuna: maximize), so that "did you mean" can point
+# from one to the other.
+_SYNONYMS: dict[str, str] = {
+    "min": "low",
+    "minimum": "low",
+    "lower": "low",
+    "max": "high",
+    "maximum": "high",
+    "upper": "high",
+    "values": "choices",
+    "options": "choices",
+    "categories": "choices",
+    "q": "step",
+    "increment": "step",
+    "log_scale": "log",
+    "logscale": "log",
+    "loguniform": "log",
+    "maximize": "max",  # Optuna's direction=
+    "minimize": "min",
+    "maximise": "max",
+    "minimise": "min",
+}
+
+
 def _param_tag(value: Any) -> str:
     """Pick the param form from the YAML value, so errors name only that form."""
     if isinstance(value, IntChoices | FloatChoices | StrChoices):
@@ -160,8 +189,13 @@ def _param_tag(value: Any) -> str:
             return "choices"
         if any(k in value for k in ("low", "high", "step", "log")):
             return "range"
-        # Neither form's keys: a misspelt "choices" should be reported as such.
-        if any(difflib.get_close_matches(str(k), ["choices"], n=1, cutoff=0.6) for k in value):
+        # Neither form's keys: a misspelt "choices" (or another tool's word for it)
+        # should be reported as such.
+        if any(
+            _SYNONYMS.get(str(k).casefold()) == "choices"
+            or difflib.get_close_matches(str(k), ["choices"], n=1, cutoff=0.6)
+            for k in value
+        ):
             return "choices"
         return "range"
     if isinstance(value, list):
@@ -211,51 +245,60 @@ class RecipeSpec(_Model):
     label_smoothing: Number | None = None
 
 
-class WrnSpace(_Model):
-    """Wide ResNet: depth 6n+4, width k, dropout between the two convs."""
-
-    depth: IntParam
-    width: IntParam | None = None
-    dropout: FloatParam | None = None
-    recipe: RecipeSpec | None = None
+# One space model per registered family, made from its hyperparameters: an int
+# hyperparameter takes the int param forms, a float the number forms, a string the
+# string forms (its choices are checked in pass 2, with the registry's message).
+# ``depth`` is required: it is what a sweep of a residual family is about.
+_PARAM_TYPES: dict[type, Any] = {int: IntParam, float: FloatParam, str: StrParam}
 
 
-class ResNetSpace(_Model):
-    """He et al. 2015 CIFAR ResNet: depth 6n+2, shortcut A or B."""
-
-    depth: IntParam
-    width: IntParam | None = None
-    shortcut: StrParam | None = None
-    recipe: RecipeSpec | None = None
-
-
-class PreactResNetSpace(_Model):
-    """Pre-activation bottleneck ResNet: depth 9n+2."""
-
-    depth: IntParam
-    width: IntParam | None = None
-    recipe: RecipeSpec | None = None
+def _space_model(family: Family) -> type[_Model]:
+    fields: dict[str, Any] = {}
+    for h in family.hparams:
+        tp = _PARAM_TYPES[h.kind]
+        fields[h.name] = (tp, ...) if h.name == "depth" else (Optional[tp], None)  # noqa: UP045
+    fields["recipe"] = (Optional[RecipeSpec], None)  # noqa: UP045
+    name = "".join(part.title() for part in family.name.split("_")) + "Space"
+    model = create_model(name, __base__=_Model, **fields)
+    model.__doc__ = f"{family.title}: the {family.name} section of architectures."
+    return model
 
 
-class DiracNetSpace(_Model):
-    """DiracNet: depth 6n+4, variant v1 or v2."""
-
-    depth: IntParam
-    width: IntParam | None = None
-    variant: StrParam | None = None
-    recipe: RecipeSpec | None = None
+# arch -> its space model, for every registered family (trainables.models.families
+# and plugins), in registration order.
+ARCH_SPACES: dict[str, type[_Model]] = {f.name: _space_model(f) for f in families()}
+ArchSpace = _Model  # any of ARCH_SPACES' models
 
 
-ArchSpace = WrnSpace | ResNetSpace | PreactResNetSpace | DiracNetSpace
+def _block_not_empty(value: Any, info: ValidationInfo) -> Any:
+    """``wrn:`` with nothing under it is null in YAML; leaving the family out silently
+    would run a different sweep from the one the file seems to describe."""
+    if value is None and info.field_name is not None:
+        arch = info.field_name
+        space, family = ARCH_SPACES[arch], get_family(arch)
+        needed = [n for n, f in space.model_fields.items() if f.is_required()]
+        first = needed[0] if needed else family.hparam_names[0]
+        example = f"{first}: {_fmt(family.hparam(first).default)}"
+        raise PydanticCustomError(
+            "empty_arch_block",
+            "the {arch} block is empty, so {arch} would be left out of the sweep: give "
+            "{what} under it (e.g. {example}), or delete the line",
+            {"arch": arch, "what": f"at least its {first}", "example": example},
+        )
+    return value
 
 
-class Architectures(_Model):
-    """The architectures of the sweep; each one is a branch of the conditional space."""
-
-    wrn: WrnSpace | None = None
-    resnet: ResNetSpace | None = None
-    preact_resnet: PreactResNetSpace | None = None
-    diracnet: DiracNetSpace | None = None
+Architectures = create_model(
+    "Architectures",
+    __base__=_Model,
+    __validators__={
+        "_block_not_empty": field_validator(*ARCH_SPACES, mode="before")(_block_not_empty)
+    },
+    **{arch: (Optional[space], None) for arch, space in ARCH_SPACES.items()},  # noqa: UP045
+)
+Architectures.__doc__ = (
+    "The architectures of the sweep; each one is a branch of the conditional space."
+)
 
 
 DatasetName = Literal["cifar10", "cifar100", "digits", "synthetic"]
@@ -430,7 +473,7 @@ def _param_sources(
 ) -> dict[str, tuple[Any, str]]:
     """Model hparams then searchable-kind recipe keys -> (spec, dotted key)."""
     out: dict[str, tuple[Any, str]] = {}
-    for name in MODEL_HPARAMS[arch]:
+    for name in get_family(arch).hparam_names:
         spec = getattr(space, name)
         if spec is not None:
             out[name] = (spec, f"architectures.{arch}.{name}")
@@ -491,12 +534,12 @@ class SweepConfig(_Model):
         return _line_of(self._lines, key)
 
     def arch_names(self) -> list[str]:
-        """Architectures of the sweep, in the canonical order of ``trainables.config.ARCHS``."""
-        return [a for a in ARCHS if getattr(self.architectures, a) is not None]
+        """Architectures of the sweep, in the registry's order."""
+        return [a for a in names() if getattr(self.architectures, a) is not None]
 
     def arch_space(self, arch: str) -> ArchSpace:
         """The raw per-architecture section; KeyError if the sweep does not include it."""
-        space = getattr(self.architectures, arch, None) if arch in ARCHS else None
+        space = getattr(self.architectures, arch, None) if arch in ARCH_SPACES else None
         if space is None:
             raise KeyError(f"arch {arch!r} is not in this sweep; it has {self.arch_names()}")
         return space

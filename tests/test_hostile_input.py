@@ -1,0 +1,358 @@
+"""Hostile and careless sweep files: each is refused fast, small, at its line, and starts nothing.
+
+The files are the ones added to ``tests/bad_sweeps/`` for issue 13 (alias bombs,
+deep nesting, oversized lists and values, YAML that PyYAML used to crash on, and
+everyday slips: ``TPE``, ``min``/``max``, an empty ``wrn:`` block, a missing space
+after a colon), plus a few generated here because they are megabytes long or not
+text (200,000 choices, 5 MB of comments, a NUL byte, Latin-1 bytes).
+
+Each one is run through ``wrnsweep validate FILE`` and ``wrnsweep launch FILE
+--dry-run`` as a subprocess, under an address-space limit (a safety net: a bomb
+that got through would die of MemoryError instead of taking the machine), and
+must exit 2 with its ``FILE:LINE: key: message`` line, no traceback, a peak RSS
+under 500 MB (read per child with ``os.wait4``), and nothing written or started:
+no Ray session (Ray creates ``$RAY_TMPDIR/ray``), no storage folder, nothing in
+the working directory (the ``!!python/object/apply`` file asks for a ``pwned``
+file there). The 2 s bound is on the validator's own work, timed in-process:
+interpreter start-up on a loaded 2-core machine is noise that is not the
+validator's.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.config import ConfigError, load_sweep, yaml_lines
+
+ROOT = Path(__file__).resolve().parents[1]
+BAD = ROOT / "tests" / "bad_sweeps"
+WRNSWEEP = Path(sys.executable).with_name("wrnsweep")
+_EXPECT = re.compile(r"^# expect: (\S+) (\S+) \| (.+)$")
+
+# The files of tests/bad_sweeps/ added for issue 13 ("hostile and careless input").
+HOSTILE = (
+    "alias_bomb",
+    "alias_bomb_in_choices",
+    "alias_bomb_merge_keys",
+    "alias_nesting_too_deep",
+    "alias_recursive",
+    "alias_undefined",
+    "anchor_twice",
+    "nesting_too_deep_block",
+    "nesting_too_deep_flow",
+    "choices_over_limit",
+    "value_too_long",
+    "key_too_long",
+    "integer_out_of_range",
+    "escape_sequence_in_value",
+    "python_tag",
+    "include_tag",
+    "second_document",
+    "unclosed_quote",
+    "unclosed_bracket",
+    "unclosed_brace",
+    "tab_indent",
+    "top_level_scalar",
+    "top_level_list_late",
+    "algorithm_upper_case",
+    "scheduler_upper_case",
+    "dataset_upper_case",
+    "arch_upper_case",
+    "point_arch_upper_case",
+    "metric_upper_case",
+    "range_min_max",
+    "range_lower_upper",
+    "choices_as_values",
+    "mode_maximize",
+    "max_failures_negative",
+    "gpu_memory_zero",
+    "empty_arch_block",
+    "empty_arch_block_only",
+    "missing_space_after_colon",
+    "yes_as_string",
+    "name_is_date",
+    "name_bad_date",
+    "int_tag_not_int",
+    "seed_negative",
+    "name_too_long",
+    "float_step_tiny",
+    "int_range_too_wide",
+    "duplicate_choices_int",
+    "duplicate_choices_float",
+    "homoglyph_key",
+    "line_break_in_key",
+    "milestones_scalar",
+    "choices_null",
+)
+
+# Peak resident memory allowed to one `wrnsweep` run (it needs ~35 MB), and the
+# address space it may map: a safety net ~20x what it maps (~45 MB), far below
+# the 3 GB the alias bomb used to take.
+MAX_RSS_MB = 500
+ADDRESS_SPACE = 1 << 30
+# The validator's own work on any file under 5 MB (issue 13).
+MAX_SECONDS = 2.0
+# A whole subprocess, start-up included, on a loaded machine: only a hang fails this.
+PROCESS_TIMEOUT = 60.0
+
+
+def _choices(n: int) -> str:
+    items = ", ".join(str(16 + 6 * i) for i in range(n))
+    return f"name: t\narchitectures:\n  wrn:\n    depth: {{choices: [{items}]}}\n"
+
+
+# name -> (the file's bytes, its expectations: (line or None, key or "", fragment)).
+# A flow list nested 100,000 deep is refused by libyaml's own limit (1,000 flow
+# levels, it reads ahead), by ours with the pure-Python parser: both say "nest".
+_GENERATED: dict[str, tuple[Callable[[], bytes], list[tuple[int | None, str, str]]]] = {
+    "choices_200k": (
+        lambda: ("# 200,000 choices\n" + _choices(200_000)).encode(),
+        [(5, "architectures.wrn.depth.choices", "this list has more than 1,000 items")],
+    ),
+    "keys_200k": (
+        lambda: (
+            "# a recipe with 200,000 keys\nname: t\narchitectures:\n  wrn: {depth: 16}\nrecipe:\n"
+            + "".join(f"  k{i}: {i}\n" for i in range(200_000))
+        ).encode(),
+        [(5, "recipe", "this mapping has more than 1,000 keys")],
+    ),
+    "values_11k": (
+        lambda: (
+            "# lists of 999 values: each list is allowed, the file is not\nname: t\n"
+            "architectures:\n  wrn: {depth: 16}\nsearch:\n  points_to_evaluate:\n"
+            + "".join(f"    - {{depth: 16, x: [{', '.join(['1'] * 999)}]}}\n" for _ in range(11))
+        ).encode(),
+        [(16, "search.points_to_evaluate.9.x.946", "the file has more than 10,000 values")],
+    ),
+    "unknown_keys_5k": (
+        lambda: (
+            "# 990 unknown keys in each of five sections\nname: t\narchitectures:\n"
+            "  wrn: {depth: 16}\n"
+            + "".join(
+                f"{section}:\n" + "".join(f"  depht{i}: 1\n" for i in range(990))
+                for section in ("recipe", "search", "scheduler", "tracking", "ray")
+            )
+        ).encode(),
+        [
+            (6, "recipe.depht0", "unknown key 'depht0'"),
+            (None, "", "... and 4,750 more issues not shown; fix the ones above first"),
+        ],
+    ),
+    "nesting_100k_flow": (
+        lambda: ("# lists nested 100,000 deep\nx: " + "[" * 100_000 + "]" * 100_000).encode(),
+        [(2, "", "nest")],
+    ),
+    "comments_5mb_then_typo": (
+        lambda: (
+            "# 5 MB of comments, then one mistake on the last line\n"
+            + "# "
+            + "-" * 97
+            + "\n"
+            + ("#" + " lorem ipsum" * 8 + "\n") * 50_000
+            + "name: t\narchitectures:\n  wrn: {depth: 16}\nsearch: {algorithm: TPE}\n"
+        ).encode(),
+        [(50_006, "search.algorithm", "did you mean 'tpe'?")],
+    ),
+    "value_5mb": (
+        lambda: ("# one value of ~5 MB\nname: " + "x" * 4_900_000 + "\n").encode(),
+        [(2, "name", "a value of 4,900,000 characters")],
+    ),
+    "over_5mib": (
+        lambda: ("# more than 5 MiB\n" + "#" * (5 * 2**20)).encode(),
+        [(None, "", "the file is larger than 5 MiB")],
+    ),
+    "nul_byte": (
+        lambda: b"# a NUL byte in a value\nname: t\x00x\narchitectures:\n  wrn: {depth: 16}\n",
+        [(2, "", "character #x0000 is not allowed in YAML")],
+    ),
+    "latin1_bytes": (
+        lambda: "# saved as Latin-1\nname: t\ntracking: {experiment: caf\xe9}\n".encode("latin-1"),
+        [(3, "", "the file is not UTF-8 text: byte 0xe9 at column 27")],
+    ),
+}
+
+
+def _expectations(path: Path) -> list[tuple[int | None, str, str]]:
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        m = _EXPECT.match(line)
+        if m:
+            lineno, key, fragment = m.groups()
+            line = None if lineno == "-" else int(lineno)
+            out.append((line, "" if key == "-" else key, fragment))
+    return out
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    path: Path
+    expected: list[tuple[int | None, str, str]]
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Case]:
+    folder = tmp_path_factory.mktemp("hostile")
+    cases = {}
+    for name, (build, expected) in _GENERATED.items():
+        path = folder / f"{name}.yaml"
+        path.write_bytes(build())
+        cases[name] = Case(name, path, expected)
+    return cases
+
+
+ALL = [*HOSTILE, *_GENERATED]
+
+
+def _case(name: str, generated: dict[str, Case]) -> Case:
+    if name in generated:
+        return generated[name]
+    path = BAD / f"{name}.yaml"
+    return Case(name, path, _expectations(path))
+
+
+def _assert_located(case: Case, text: str) -> None:
+    lines = text.splitlines()
+    for lineno, key, fragment in case.expected:
+        prefix = str(case.path) if lineno is None else f"{case.path}:{lineno}"
+        prefix += f": {key}: " if key else ": "
+        assert any(line.startswith(prefix) and fragment in line for line in lines), (
+            f"expected a line starting {prefix!r} containing {fragment!r}, got:\n{text[:3000]}"
+        )
+
+
+# ----------------------------------------------------------------------- corpus
+
+
+def test_the_hostile_corpus_is_there() -> None:
+    assert len(HOSTILE) >= 40 and len(set(HOSTILE)) == len(HOSTILE)
+    for name in HOSTILE:
+        path = BAD / f"{name}.yaml"
+        assert path.is_file(), name
+        assert _expectations(path), f"{name}: no '# expect:' line"
+        assert path.stat().st_size < 10_000, f"{name}: generate big files in this test instead"
+
+
+# ------------------------------------------------------------ the validator's own work
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_validator_answers_within_2s_at_the_line(name: str, generated: dict[str, Case]) -> None:
+    case = _case(name, generated)
+    start = time.perf_counter()
+    with pytest.raises(ConfigError) as info:
+        load_sweep(case.path)
+    seconds = time.perf_counter() - start
+    assert seconds < MAX_SECONDS, f"{name}: {seconds:.2f} s"
+    text = str(info.value)
+    assert len(text.splitlines()) == len(info.value.issues)  # one issue, one line
+    _assert_located(case, text)
+
+
+def test_pure_python_parser_gives_the_same_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without libyaml (a PyYAML built without it) the limits hold the same way, slower."""
+    monkeypatch.setattr(yaml_lines, "_parser", yaml.SafeLoader)
+    for name in HOSTILE:
+        case = _case(name, {})
+        with pytest.raises(ConfigError) as info:
+            load_sweep(case.path)
+        _assert_located(case, str(info.value))
+
+
+def test_dev_zero_is_refused_without_reading_it_all() -> None:
+    if not Path("/dev/zero").exists():
+        pytest.skip("no /dev/zero here")
+    with pytest.raises(ConfigError, match="larger than 5 MiB"):
+        load_sweep("/dev/zero")
+
+
+# ------------------------------------------------------------------ the command line
+
+
+@dataclass
+class Ran:
+    args: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+    max_rss_mb: float
+
+
+def _limit_memory() -> None:  # runs in the child, before exec
+    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
+
+
+def _run_together(commands: list[list[str]], cwd: Path, env: dict[str, str]) -> Iterator[Ran]:
+    """Run ``wrnsweep ARGS`` for each command at once; each child's own peak RSS via wait4."""
+    started = []
+    for i, args in enumerate(commands):
+        out, err = cwd.parent / f"out{i}", cwd.parent / f"err{i}"
+        with out.open("w") as fout, err.open("w") as ferr:
+            proc = subprocess.Popen(
+                [str(WRNSWEEP), *args],
+                cwd=cwd,
+                env=env,
+                stdout=fout,
+                stderr=ferr,
+                preexec_fn=_limit_memory,  # safe: no threads start between fork and exec here
+            )
+        started.append((args, proc, out, err, time.monotonic()))
+    # ru_maxrss is KiB on Linux, bytes on macOS.
+    per_mb = 2**20 if sys.platform == "darwin" else 2**10
+    for args, proc, out, err, start in started:
+        deadline = start + PROCESS_TIMEOUT
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                os.wait4(proc.pid, 0)
+                proc.returncode = -9
+                pytest.fail(f"{args} ran past {PROCESS_TIMEOUT} s")
+            time.sleep(0.01)
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+        yield Ran(
+            args,
+            proc.returncode,
+            out.read_text(errors="replace"),
+            err.read_text(errors="replace"),
+            time.monotonic() - start,
+            usage.ru_maxrss / per_mb,
+        )
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_validate_and_dry_run_exit_2_small_located_and_start_nothing(
+    name: str, generated: dict[str, Case], tmp_path: Path
+) -> None:
+    case = _case(name, generated)
+    cwd, store, ray_tmp = tmp_path / "cwd", tmp_path / "store", tmp_path / "raytmp"
+    cwd.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env["RAY_TMPDIR"] = str(ray_tmp)  # a Ray session would create $RAY_TMPDIR/ray
+    commands = [
+        ["validate", str(case.path)],
+        ["launch", str(case.path), "--dry-run", "--storage", str(store)],
+    ]
+    for ran in _run_together(commands, cwd, env):
+        assert ran.returncode == 2, (ran.args, ran.stdout, ran.stderr[-3000:])
+        assert "Traceback" not in ran.stderr + ran.stdout, ran.stderr[-3000:]
+        assert "bad_alloc" not in ran.stderr and "MemoryError" not in ran.stderr
+        _assert_located(case, ran.stderr)
+        assert ran.max_rss_mb < MAX_RSS_MB, f"{ran.args[0]}: {ran.max_rss_mb:.0f} MB"
+    assert not store.exists()
+    assert not ray_tmp.exists()
+    assert list(cwd.iterdir()) == []  # no runs/, no mlflow.db, no file made by a YAML tag
