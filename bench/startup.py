@@ -20,6 +20,11 @@
    the time the driver spends importing each top-level package (inside the
    stages above, where each is first imported).
 
+4. The read-only commands: ``validate_s`` (``wrnsweep validate smoke.yaml``) and
+   ``best_s`` (``wrnsweep best`` on a smoke sweep run to the end first), medians
+   of 5 fresh processes after a warm-up; and ``mlflow_import_s``, the median of
+   ``python -c "import mlflow"``, the floor under ``best`` (it reads MLflow).
+
 Every run uses ``RAY_ADDRESS=local`` and ``RAY_TMPDIR`` in a temporary folder, so
 it starts a Ray of its own and never touches another process's cluster.
 
@@ -28,7 +33,8 @@ of other processes during each launch is printed, and runs during which they
 took more than 10% of the cores are flagged; their times are not comparable.
 
 Usage: ``.venv/bin/python bench/startup.py [--runs 3] [--keep]`` from the
-repository root (about 2 minutes). The last line is ``help_s=X first_epoch_s=Y``.
+repository root (about 4 minutes). The last line is ``help_s=X first_epoch_s=Y
+validate_s=V best_s=B mlflow_import_s=M``.
 """
 
 from __future__ import annotations
@@ -231,14 +237,42 @@ def run_launch(workdir: Path, *, instrumented: bool, tag: str) -> Launch:
     return out
 
 
-def time_help(runs: int = 5) -> tuple[float, list[float]]:
-    subprocess.run([str(WRNSWEEP), "--help"], capture_output=True, check=True)  # page cache
+def time_command(cmd: list[str], runs: int = 5, **kwargs: object) -> tuple[float, list[float]]:
+    """Median wall time of ``cmd`` over ``runs`` fresh processes, after one warm-up run."""
+    subprocess.run(cmd, capture_output=True, check=True, **kwargs)  # page cache
     samples = []
     for _ in range(runs):
         start = time.perf_counter()
-        subprocess.run([str(WRNSWEEP), "--help"], capture_output=True, check=True)
+        subprocess.run(cmd, capture_output=True, check=True, **kwargs)
         samples.append(time.perf_counter() - start)
     return statistics.median(samples), samples
+
+
+def time_help(runs: int = 5) -> tuple[float, list[float]]:
+    return time_command([str(WRNSWEEP), "--help"], runs)
+
+
+def finished_smoke_sweep(workdir: Path) -> Path:
+    """``wrnsweep launch smoke.yaml`` run to the end in ``workdir``: the sweep folder."""
+    env = dict(os.environ)
+    env.update(RAY_ADDRESS="local", RAY_TMPDIR=str(workdir / "ray"))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    subprocess.run([str(WRNSWEEP), "launch", str(SMOKE), "--storage", str(workdir / "runs")],
+                   cwd=workdir, env=env, capture_output=True, check=True, timeout=1800)
+    return workdir / "runs" / "smoke"
+
+
+def time_read_only(runs: int = 5) -> dict[str, tuple[float, list[float]]]:
+    """``validate``, ``best`` on a finished smoke sweep, and MLflow's own import (the floor)."""
+    out = {"validate_s": time_command([str(WRNSWEEP), "validate", str(SMOKE)], runs),
+           "mlflow_import_s": time_command([sys.executable, "-c", "import mlflow"], runs)}
+    workdir = Path(tempfile.mkdtemp(prefix="startup-best-", dir="/tmp"))
+    try:
+        home = finished_smoke_sweep(workdir)
+        out["best_s"] = time_command([str(WRNSWEEP), "best", str(home)], runs, cwd=workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return out
 
 
 def import_times(stderr: list[str], top: int = 8) -> list[tuple[str, float]]:
@@ -292,6 +326,12 @@ def main(argv: list[str] | None = None) -> None:
 
     help_s, samples = time_help()
     print(f"wrnsweep --help: median {help_s:.3f} s of {', '.join(f'{s:.3f}' for s in samples)}")
+    read_only = time_read_only()
+    for key, label in (("validate_s", "wrnsweep validate smoke.yaml"),
+                       ("best_s", "wrnsweep best (finished smoke sweep)"),
+                       ("mlflow_import_s", "python -c 'import mlflow' (the floor of best)")):
+        median, runs = read_only[key]
+        print(f"{label}: median {median:.3f} s of {', '.join(f'{s:.3f}' for s in runs)}")
 
     firsts = []
     for i in range(args.runs + 1):
@@ -333,7 +373,9 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(f"first epoch: median {first_epoch_s:.2f} s of "
           f"{', '.join(f'{s:.2f}' for s in firsts)} (plain runs)")
-    print(f"help_s={help_s:.3f} first_epoch_s={first_epoch_s:.2f}")
+    print(f"help_s={help_s:.3f} first_epoch_s={first_epoch_s:.2f} "
+          f"validate_s={read_only['validate_s'][0]:.3f} best_s={read_only['best_s'][0]:.3f} "
+          f"mlflow_import_s={read_only['mlflow_import_s'][0]:.3f}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,292 @@
+"""Search efficiency: how much training the search spends to find a good network.
+
+Every arm is wrnsweep's real path: a generated sweep file run with ``wrnsweep
+launch FILE --storage TMP`` (its own local Ray, the embedded SQLite MLflow store),
+then read back from MLflow with ``MlflowClient``, never from the bench's own
+bookkeeping:
+
+* the **anytime curve** of a run: every epoch of every trial in the order the
+  driver logged it (the MLflow timestamp of its ``val_acc``), against the best
+  ``val_acc`` seen so far; its x axis is epochs spent, the budget that training
+  time is proportional to on a fixed machine;
+* per arm and seed: the **final best** (the last point of the curve), the epochs
+  spent, the **epochs to reach the target** and the test accuracy of the model the
+  sweep chose (its registered champion's ``test_acc`` tag).
+
+The target is the baseline's median final best over the seeds, less one
+validation image (the resolution of the metric: 1/270 on digits); the baseline is
+random search with FIFO (every trial to its end), the blind way to try
+configurations. ``epochs_ratio`` of an arm is the geometric mean over seeds of its
+epochs to the target divided by the baseline's median epochs to the target; a
+seed in which an arm never reaches the target counts with the epochs it spent
+(a lower bound, marked ``>``), so the ratio can only flatter a failing arm less
+than it would with an infinite count and the table says how many seeds reached it.
+
+Arms: ``random_fifo`` (baseline), ``random_asha`` (random search, the default
+ASHA), ``default`` (the sweep file says nothing about search algorithm or
+scheduler: what a user gets).
+
+Spaces: ``digits`` (WRN {10,16} x {1,2} with dropout and CIFAR ResNet {8,14,20},
+lr log-uniform in [0.003, 1], two searched LR milestones, on scikit-learn's 8x8
+digits) and ``all`` (the four families of ``all.yaml`` at smoke scale); the
+dataset can be switched to ``synthetic``.
+
+Usage: ``.venv/bin/python bench/search_efficiency.py [--seeds 5] [--trials 16]
+[--epochs 8] [--space digits|all] [--dataset digits|synthetic] [--png FILE]``;
+``--quick`` (1 seed, 4 trials of 2 epochs, baseline and default only) checks the
+whole path in about two minutes. The last line is
+``default_epochs_ratio=X random_asha_epochs_ratio=Y seeds=N``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench._common import machine_lines  # noqa: E402  (needs REPO on sys.path)
+
+WRNSWEEP = Path(sys.executable).with_name("wrnsweep")
+# Validation images per dataset: one image is the smallest step of val_acc.
+VAL_IMAGES = {"digits": 270, "synthetic": 256}
+ARMS: dict[str, dict[str, Any]] = {
+    "random_fifo": {"search": {"algorithm": "random"}, "scheduler": {"name": "fifo"}},
+    "random_asha": {"search": {"algorithm": "random"}, "scheduler": {"name": "asha"}},
+    "default": {"search": {}, "scheduler": None},
+}
+BASELINE = "random_fifo"
+
+SPACES: dict[str, dict[str, Any]] = {
+    "digits": {
+        "wrn": {"depth": {"choices": [10, 16]}, "width": {"choices": [1, 2]},
+                "dropout": {"choices": [0.0, 0.3]}},
+        "resnet": {"depth": {"choices": [8, 14, 20]}},
+    },
+    "all": {
+        "wrn": {"depth": {"choices": [10, 16]}, "width": {"choices": [1, 2]}},
+        "resnet": {"depth": {"choices": [8, 14]}},
+        "preact_resnet": {"depth": {"choices": [11, 20]}},
+        "diracnet": {"depth": {"choices": [10, 16]}},
+    },
+}
+
+
+def sweep_file(space: str, arm: str, *, seed: int, trials: int, epochs: int,
+               dataset: str) -> dict[str, Any]:
+    """The sweep file of one arm and seed (a dict, written as JSON: YAML reads it)."""
+    search = {"num_samples": trials, "max_concurrent": 2, "metric": "val_acc", "seed": seed,
+              **ARMS[arm]["search"]}
+    doc: dict[str, Any] = {
+        "name": f"eff-{arm}-{seed}",
+        "dataset": dataset,
+        "architectures": SPACES[space],
+        "recipe": {"epochs": epochs, "batch_size": 64,
+                   "lr": {"low": 0.003, "high": 1.0, "log": True},
+                   "milestones": {"count": 2, "low": 0.2, "high": 0.9, "min_gap": 0.1}},
+        "search": search,
+        "resources": {"default": {"cpu": 1, "gpu": 0}},
+        "tracking": {"top_k": 1},
+    }
+    if ARMS[arm]["scheduler"] is not None:
+        doc["scheduler"] = ARMS[arm]["scheduler"]
+    return doc
+
+
+@dataclass
+class RunRecord:
+    """One arm and seed, as read back from MLflow."""
+
+    arm: str
+    seed: int
+    curve: list[float] = field(default_factory=list)  # best val_acc after each epoch spent
+    histories: dict[str, int] = field(default_factory=dict)  # run id -> val_acc points
+    last_epochs: dict[str, int] = field(default_factory=dict)  # run id -> its "epoch" metric
+    test_acc: float | None = None  # the champion's tag
+
+    @property
+    def final_best(self) -> float:
+        return self.curve[-1] if self.curve else 0.0
+
+    @property
+    def epochs(self) -> int:
+        return len(self.curve)
+
+    def epochs_to(self, target: float) -> tuple[int, bool]:
+        """Epochs spent when the best first reaches ``target`` (or all of them, False)."""
+        for i, best in enumerate(self.curve, start=1):
+            if best >= target - 1e-12:
+                return i, True
+        return self.epochs, False
+
+
+def run_sweep(doc: dict[str, Any], workdir: Path) -> Path:
+    """``wrnsweep launch`` of ``doc`` in ``workdir``; the sweep folder."""
+    path = workdir / f"{doc['name']}.yaml"
+    path.write_text(json.dumps(doc, indent=2))
+    env = dict(os.environ)
+    # A Ray of its own (never another process's cluster), sockets on a short path.
+    env.update(RAY_ADDRESS="local", RAY_TMPDIR=str(workdir / "ray"))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run([str(WRNSWEEP), "launch", str(path), "--storage",
+                           str(workdir / "runs")], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{doc['name']}: launch failed ({proc.returncode}):\n"
+                           f"{proc.stderr[-3000:]}")
+    return workdir / "runs" / doc["name"]
+
+
+def read_record(home: Path, arm: str, seed: int) -> RunRecord:
+    """The anytime curve and the champion's test accuracy, from the sweep's MLflow store."""
+    from orchestrator.store import PARENT_TAG, mlflow_client
+
+    meta = json.loads((home / "wrnsweep.json").read_text())
+    uri = meta["tracking_uri"]
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_absolute():
+        uri = f"sqlite:///{home / uri[len('sqlite:///'):]}"
+    client = mlflow_client(uri)
+    runs = client.search_runs([meta["experiment_id"]],
+                              filter_string=f"tags.`{PARENT_TAG}` = '{meta['parent_run_id']}'",
+                              max_results=5000)
+    points = []  # (logged at, run, epoch, val_acc)
+    record = RunRecord(arm, seed)
+    for run in runs:
+        history = client.get_metric_history(run.info.run_id, "val_acc")
+        record.histories[run.info.run_id] = len(history)
+        record.last_epochs[run.info.run_id] = int(run.data.metrics.get("epoch", 0))
+        points += [(m.timestamp, run.info.run_id, m.step, m.value) for m in history]
+    best = -math.inf
+    for _, _, _, value in sorted(points):
+        best = max(best, value)
+        record.curve.append(best)
+    champion = client.get_model_version_by_alias(meta["registered_model"], "champion")
+    test = (champion.tags or {}).get("test_acc")
+    record.test_acc = float(test) if test not in (None, "n/a") else None
+    return record
+
+
+def geometric_mean(values: list[float]) -> float:
+    return math.exp(statistics.fmean(math.log(v) for v in values))
+
+
+@dataclass
+class ArmSummary:
+    arm: str
+    epochs_to_target: list[tuple[int, bool]]
+    final_bests: list[float]
+    epochs: list[int]
+    test_accs: list[float | None]
+    ratio: float = math.nan
+
+
+def summarise(records: list[RunRecord], target: float) -> dict[str, ArmSummary]:
+    by_arm: dict[str, list[RunRecord]] = {}
+    for r in records:
+        by_arm.setdefault(r.arm, []).append(r)
+    out = {arm: ArmSummary(arm, [r.epochs_to(target) for r in rs], [r.final_best for r in rs],
+                           [r.epochs for r in rs], [r.test_acc for r in rs])
+           for arm, rs in by_arm.items()}
+    base = statistics.median(e for e, _ in out[BASELINE].epochs_to_target)
+    for s in out.values():
+        s.ratio = geometric_mean([e / base for e, _ in s.epochs_to_target])
+    return out
+
+
+def plot(records: list[RunRecord], target: float, path: Path) -> None:
+    """The anytime curves, one colour per arm, the target as a line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    colours = {"random_fifo": "tab:gray", "random_asha": "tab:blue", "default": "tab:red"}
+    seen: set[str] = set()
+    for r in records:
+        label = None if r.arm in seen else r.arm
+        seen.add(r.arm)
+        ax.plot(range(1, r.epochs + 1), r.curve, color=colours.get(r.arm, "tab:green"),
+                alpha=0.7, label=label)
+    ax.axhline(target, color="black", linestyle="--", linewidth=1,
+               label="target (baseline median best - 1 image)")
+    ax.set_xlabel("epochs spent (all trials, in the order they ran)")
+    ax.set_ylabel("best val_acc so far")
+    ax.legend(loc="lower right")
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--trials", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--space", choices=sorted(SPACES), default="digits")
+    parser.add_argument("--dataset", choices=sorted(VAL_IMAGES), default="digits")
+    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms")
+    parser.add_argument("--png", type=Path, default=Path("search_efficiency.png"))
+    parser.add_argument("--quick", action="store_true",
+                        help="1 seed, 4 trials of 2 epochs, baseline and default only")
+    parser.add_argument("--keep", action="store_true", help="keep the sweep folders")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds, args.trials, args.epochs, args.arms = 1, 4, 2, f"{BASELINE},default"
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    if BASELINE not in arms:
+        parser.error(f"--arms must include the baseline {BASELINE}")
+    for line in machine_lines(("torch", "ray", "optuna", "mlflow")):
+        print(line)
+    print(f"space={args.space} dataset={args.dataset} trials={args.trials} "
+          f"epochs={args.epochs} seeds={args.seeds} arms={','.join(arms)}")
+
+    workdir = Path(tempfile.mkdtemp(prefix="eff-", dir="/tmp"))
+    records = []
+    try:
+        for seed in range(args.seeds):
+            for arm in arms:
+                doc = sweep_file(args.space, arm, seed=seed, trials=args.trials,
+                                 epochs=args.epochs, dataset=args.dataset)
+                record = read_record(run_sweep(doc, workdir), arm, seed)
+                records.append(record)
+                print(f"seed {seed} {arm:<12} epochs {record.epochs:>4}  final best "
+                      f"{record.final_best:.4f}  test_acc {record.test_acc}", flush=True)
+    finally:
+        if args.keep:
+            print(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    baseline_bests = [r.final_best for r in records if r.arm == BASELINE]
+    target = statistics.median(baseline_bests) - 1 / VAL_IMAGES[args.dataset]
+    summary = summarise(records, target)
+    print(f"\ntarget: {target:.4f} (baseline median final best "
+          f"{statistics.median(baseline_bests):.4f} less one validation image)")
+    print(f"{'arm':<12} {'epochs to target (median)':>26} {'reached':>8} "
+          f"{'final best (median)':>20} {'epochs (median)':>16} {'ratio':>6}")
+    for s in summary.values():
+        med = statistics.median(e for e, _ in s.epochs_to_target)
+        reached = sum(ok for _, ok in s.epochs_to_target)
+        print(f"{s.arm:<12} {med:>26.0f} {reached:>5}/{len(s.epochs_to_target):<2} "
+              f"{statistics.median(s.final_bests):>20.4f} {statistics.median(s.epochs):>16.0f} "
+              f"{s.ratio:>6.2f}")
+    plot(records, target, args.png)
+    print(f"figure: {args.png}")
+    ratios = {arm: summary[arm].ratio for arm in summary}
+    print(" ".join(f"{arm}_epochs_ratio={ratios[arm]:.3f}" for arm in ("default", "random_asha")
+                   if arm in ratios) + f" seeds={args.seeds}")
+    return {"records": records, "summary": summary, "target": target}
+
+
+if __name__ == "__main__":
+    main()
