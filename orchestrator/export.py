@@ -19,7 +19,10 @@ Formats:
   extra file ``wrnsweep.json`` (``torch.jit.load(f, _extra_files={"wrnsweep.json": ""})``).
 * ``onnx``: opset 17, input ``images`` (N, 3, 32, 32) with a dynamic batch axis,
   output ``logits``; the metadata is the ``metadata_props`` entry ``wrnsweep``.
-  Needs the ``onnx`` package; ``onnxruntime``, when installed, re-runs the file.
+  The written file is re-run with onnxruntime (``onnx`` and ``onnxruntime`` are
+  dependencies of wrnsweep). This is the graph for other pipelines (TensorRT, an
+  app that normalises itself); a registered version's own ONNX graph, which
+  MLflow serves, takes raw images instead: :func:`serving_onnx`.
 * ``state_dict``: a safetensors file of the *unfolded* weights (BN intact, the
   registry's format, for fine-tuning); the metadata is the safetensors header
   entry ``wrnsweep`` and rebuilds the network with ``build_model(card["arch"],
@@ -210,6 +213,80 @@ def _write_state_dict(model: nn.Module, card: dict[str, Any], path: Path, meta_j
     rebuilt.load_state_dict(load_file(str(path)))
     with torch.no_grad():
         return [rebuilt.eval()(x) for x in batches], stored
+
+
+# -- the registered model's graph: raw images in, logits out -------------------------------
+SERVING_INPUT = "images"  # (N, 32, 32, 3) uint8 RGB, as PIL / numpy / torchvision's .data hold it
+SERVING_OUTPUT = "logits"  # (N, num_classes) float32, before softmax
+
+
+class RawImages(nn.Module):
+    """A network behind its input handling: uint8 RGB ``(N, H, W, 3)`` in, logits out.
+
+    Normalises as :class:`trainables.data.Loader` does for evaluation, in fp32:
+    ``x * 1/(255 std) - mean/std`` per channel (the same two operations in the same
+    order, so the graph sees what the network saw in training and testing).
+    """
+
+    def __init__(self, net: nn.Module, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.net = net
+        mean64 = torch.tensor(mean, dtype=torch.float64)
+        std64 = torch.tensor(std, dtype=torch.float64)
+        self.register_buffer("scale", (1.0 / (255.0 * std64)).float().view(1, -1, 1, 1))
+        self.register_buffer("shift", (-mean64 / std64).float().view(1, -1, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (N, H, W, 3) uint8
+        x = images.permute(0, 3, 1, 2).to(torch.float32)  # (N, 3, H, W)
+        return self.net(x * self.scale + self.shift)  # (N, num_classes)
+
+
+@dataclass(frozen=True)
+class ServingGraph:
+    """The registered model's ONNX graph and how it was made."""
+
+    proto: Any  # onnx.ModelProto: RawImages(folded network), opset ONNX_OPSET
+    folded_bn: int  # BatchNorm2d layers merged into the conv before them
+    affine_bn: int  # BatchNorm2d layers turned into a fixed per-channel Affine
+
+
+def serving_onnx(model: nn.Module, card: dict[str, Any]) -> ServingGraph:
+    """The ONNX graph that a registered version serves: raw images in, logits out.
+
+    ``model`` (eval mode, fp32, CPU) is folded (:func:`fold_for_inference`) and put
+    behind :class:`RawImages` with the card's mean/std; input ``images`` (N, 32, 32, 3)
+    uint8 with a dynamic batch axis, output ``logits`` (N, num_classes) float32;
+    the card is the graph's ``wrnsweep`` metadata entry. Checked with
+    ``onnx.checker`` (full); its outputs are the caller's to compare (the registry
+    compares them through MLflow's own loader on real test images).
+    """
+    import tempfile
+
+    onnx = _require_onnx()
+    folded = fold_for_inference(model, card)
+    affine_bn = _count(folded, Affine)
+    graph = RawImages(folded, card["mean"], card["std"]).eval()
+    height, width = card.get("input_shape", [3, 32, 32])[1:]
+    # Traced with a batch of 2 while callers check other batch sizes: the batch
+    # axis is proved dynamic by use.
+    example = torch.zeros(2, height, width, 3, dtype=torch.uint8)
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        path = Path(tmp) / "model.onnx"
+        # The same exporter and warnings as _write_onnx (see there).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.filterwarnings("ignore", "Constant folding", UserWarning)
+        torch.onnx.export(graph, (example,), str(path), dynamo=False,
+                          opset_version=ONNX_OPSET, input_names=[SERVING_INPUT],
+                          output_names=[SERVING_OUTPUT],
+                          dynamic_axes={SERVING_INPUT: {0: "batch"},
+                                        SERVING_OUTPUT: {0: "batch"}})
+        proto = onnx.load(str(path))
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(card, sort_keys=True)
+    onnx.checker.check_model(proto, full_check=True)
+    return ServingGraph(proto=proto, folded_bn=_count(model, nn.BatchNorm2d) - affine_bn,
+                        affine_bn=affine_bn)
 
 
 def export_model(uri: str, out: str | os.PathLike[str], *, fmt: str = "torchscript",

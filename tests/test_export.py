@@ -328,3 +328,36 @@ def test_fold_keeps_the_device(arch: str) -> None:
     x = torch.randn(4, 3, 32, 32, device="cuda")
     with torch.no_grad():
         assert (folded(x) - model(x)).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_serving_graph_takes_raw_images_and_matches(case: Case,
+                                                    folders: dict[str, Path]) -> None:
+    """The graph a registered version serves (``serving_onnx``): uint8 RGB (N, 32, 32, 3)
+    in, ``logits`` out, normalisation inside; onnxruntime's logits on random images of
+    another batch size than the traced one equal the unfolded model's on the same
+    images normalised as the card says, for every family."""
+    import numpy as np
+    import onnxruntime
+
+    model, card = load_model(str(folders[case.id]))
+    card = {**card, "mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26]}
+    graph = export.serving_onnx(model, card)
+    assert (graph.folded_bn, graph.affine_bn) == (case.folded_bn, case.affine_bn)
+    assert {n.op_type for n in graph.proto.graph.node}.isdisjoint({"BatchNormalization"})
+    stored = {p.key: p.value for p in graph.proto.metadata_props}[export.METADATA_KEY]
+    assert json.loads(stored) == card
+
+    session = onnxruntime.InferenceSession(graph.proto.SerializeToString(),
+                                           providers=["CPUExecutionProvider"])
+    assert [(i.name, i.type, i.shape[1:]) for i in session.get_inputs()] == [
+        ("images", "tensor(uint8)", [32, 32, 3])]
+    assert [o.name for o in session.get_outputs()] == ["logits"]
+    images = torch.randint(0, 256, (5, 32, 32, 3), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(7))
+    (logits,) = session.run(["logits"], {"images": images.numpy()})
+    mean = torch.tensor(card["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(card["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        want = model((images.permute(0, 3, 1, 2).float() / 255 - mean) / std).numpy()
+    assert logits.shape == (5, 10) and np.abs(logits - want).max() <= TOL

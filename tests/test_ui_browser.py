@@ -5,7 +5,9 @@ sweep launched through the CLI (``tests/sweeps/ui.yaml``). Headless Chromium
 (Debian's, driven by Playwright) opens the experiment's runs page and the
 compare-runs page; every trial run's name and its ``val_acc``, read back with
 ``MlflowClient`` and formatted as the UI formats metrics, must be on them.
-Screenshots of both pages go to ``$WRNSWEEP_TEST_ARTIFACTS`` (else tmp_path).
+The champion that the sweep registered is opened too: its version page (signature)
+and its logged model's page (metrics). Screenshots of the pages go to
+``$WRNSWEEP_TEST_ARTIFACTS`` (else tmp_path).
 
 ``wrnsweep ui`` is driven as a user would: on a finished sweep folder with the
 embedded SQLite store it serves the experiment on 127.0.0.1 until SIGINT
@@ -332,6 +334,49 @@ def test_compare_page_shows_every_trial_with_its_val_acc(server_sweep, page,
     assert dict(zip(in_columns, numbers, strict=True)) == {
         t.name: ui_metric(t.val_acc) for t in trials}, numbers
     screenshot(page, tmp_path, "mlflow-ui-compare.png")
+
+
+def test_champion_pages_show_its_signature_and_metrics(server_sweep, page,
+                                                       tmp_path: Path) -> None:
+    """The sweep's registered model (``#/models/ui``) lists the champion; its version
+    page shows the signature (Schema: ``images`` uint8 (-1, 32, 32, 3) in, ``logits``
+    float32 out) and links its logged model ("Source Model"), whose page shows the
+    metrics of the registered weights: ``test_acc`` equal to the version's tag and
+    ``val_acc`` of the checkpoint's epoch. MLflow 3.17's version page has no metrics of
+    its own: they are on the logged model's page."""
+    from mlflow import MlflowClient
+    from playwright.sync_api import expect
+
+    client = MlflowClient(tracking_uri=server_sweep.tracking_uri,
+                          registry_uri=server_sweep.tracking_uri)
+    champion = client.get_model_version_by_alias("ui", "champion")
+    model_id = champion.source.removeprefix("models:/")
+    logged = client.get_logged_model(model_id)
+    metrics = {m.key: m.value for m in logged.metrics}
+    assert repr(metrics["test_acc"]) == champion.tags["test_acc"]
+
+    page.goto(f"{server_sweep.tracking_uri}/#/models/ui")
+    row = page.locator(f'[role="row"]:has(a[href$="/models/ui/versions/{champion.version}"])')
+    expect(row).to_contain_text("champion")
+    expect(row).to_contain_text(champion.tags["test_acc"])  # the version's tags, listed
+    row.locator(f'a[href$="/models/ui/versions/{champion.version}"]').first.click()
+
+    expect(page.get_by_text(f"Version {champion.version}", exact=True).first).to_be_visible()
+    page.get_by_text("Inputs (1)").click()
+    page.get_by_text("Outputs (1)").click()
+    expect(page.get_by_text("images (required)")).to_be_visible()
+    expect(page.get_by_text("Tensor (dtype: uint8, shape: [-1,32,32,3])")).to_be_visible()
+    expect(page.get_by_text("logits (required)")).to_be_visible()
+    expect(page.get_by_text("Tensor (dtype: float32, shape: [-1,10])")).to_be_visible()
+    expect(page.get_by_text("Test accuracy of exactly these weights")).to_be_visible()
+    screenshot(page, tmp_path, "mlflow-ui-champion-version.png")
+
+    page.locator(f'a[href$="/models/{model_id}"]').first.click()  # "Source Model"
+    for key in ("test_acc", "val_acc"):
+        row = page.locator(f'[role="row"]:has-text("{key}")').first
+        expect(row).to_contain_text(repr(metrics[key]))  # JS prints doubles as repr does
+    expect(page.locator('a[href*="/models/ui/versions/"]').first).to_be_visible()  # its version
+    screenshot(page, tmp_path, "mlflow-ui-champion-logged-model.png")
 
 
 # -- wrnsweep ui -------------------------------------------------------------------------
