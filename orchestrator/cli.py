@@ -44,19 +44,43 @@ def main() -> None:
     """Sweep CIFAR residual networks across GPUs with Ray Tune, Optuna and MLflow."""
 
 
-@main.command()
-@click.option("--arch", required=True,
-              type=click.Choice(["wrn", "resnet", "preact_resnet", "diracnet"]),
-              help="Architecture family.")
-@click.option("--depth", type=int, required=True,
-              help="Layers as the paper counts them: WRN/DiracNet 6n+4, ResNet 6n+2, "
-                   "pre-act ResNet 9n+2.")
-@click.option("--width", type=int, default=None, help="Width multiplier k (default 1).")
-@click.option("--dropout", type=float, default=None, help="WRN dropout between the 3x3 convs.")
-@click.option("--shortcut", type=click.Choice(["A", "B"]), default=None,
-              help="ResNet shortcut: A zero-pad identity (paper), B 1x1 projection.")
-@click.option("--variant", type=click.Choice(["v1", "v2"]), default=None,
-              help="DiracNet variant: v1 NCReLU + scalar alpha/beta, v2 per-channel.")
+def _hparam_options() -> list[click.Option]:
+    """``--arch`` and one option per model hyperparameter, from the registry.
+
+    Built when ``train`` is parsed or its help is shown (not at import: the
+    registry loads plugins), so a registered family's hyperparameters appear
+    without an edit here. Each help line gives every family's default and rule.
+    """
+    from trainables.models.registry import families, hparam_names
+
+    options = [click.Option(["--arch"], required=True,
+                            type=click.Choice([f.name for f in families()]),
+                            help="Architecture family.")]
+    for name in hparam_names():
+        users = [(f, f.hparam(name)) for f in families() if name in f.hparam_names]
+        first = users[0][1]
+        groups: dict[str, list[str]] = {}  # "rule [default]" -> families
+        for f, h in users:
+            groups.setdefault(f"{h.rule_text + ' ' if h.rule_text else ''}[{h.default}]",
+                              []).append(f.name)
+        per_family = "; ".join(f"{', '.join(archs)}: {rule}" for rule, archs in groups.items())
+        choices = sorted({c for _, h in users for c in h.choices})
+        kind: Any = click.Choice(choices) if choices else first.kind
+        text = f"{first.help[0].upper()}{first.help[1:]}. {per_family}."
+        options.append(click.Option([f"--{name.replace('_', '-')}", name], type=kind,
+                                    default=None, help=text))
+    return options
+
+
+class _ZooCommand(click.Command):
+    """A command whose model options come from the architecture registry."""
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        params = super().get_params(ctx)
+        return [*_hparam_options(), *params]
+
+
+@main.command(cls=_ZooCommand)
 @click.option("--dataset", type=click.Choice(["cifar10", "cifar100", "digits", "synthetic"]),
               default="digits", show_default=True,
               help="digits and synthetic need no download.")
@@ -87,7 +111,9 @@ def main() -> None:
 @click.option("--out", type=click.Path(file_okay=False), default="runs/train", show_default=True,
               help="Folder for metrics.jsonl, config.json and checkpoint.pt.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
-def train(out: str, resume: bool, compile_: bool | None, threads: int | None,
+@click.option("--force", is_flag=True,
+              help="Start over in an OUT that holds a run (its metrics and checkpoint go).")
+def train(out: str, resume: bool, force: bool, compile_: bool | None, threads: int | None,
           **options: Any) -> None:
     """Train one configuration without Ray (progress per epoch, metrics as JSON lines).
 
@@ -96,8 +122,6 @@ def train(out: str, resume: bool, compile_: bool | None, threads: int | None,
       wrnsweep train --arch wrn --depth 16 --width 2 --dropout 0.3 \\
                      --dataset synthetic --epochs 3 --out runs/x
     """
-    from trainables.config import TrainConfig
-    from trainables.models import check_hparams
 
     values = {k: v for k, v in options.items() if v is not None}
     values["download"] = options["download"] or False
@@ -106,13 +130,37 @@ def train(out: str, resume: bool, compile_: bool | None, threads: int | None,
     if threads is not None:
         values["num_threads"] = threads
     try:
-        cfg = TrainConfig.from_dict(values)
-        check_hparams(cfg.arch, **cfg.model_hparams())
+        cfg = _train_config(values)
     except ValueError as err:
         raise InvalidInput(str(err)) from None
     folder = Path(out)
+    if resume and force:
+        raise InvalidInput("--resume and --force exclude each other: continue the run in "
+                           f"{folder}, or start over")
+    run_files = [folder / name for name in TRAIN_FILES if (folder / name).exists()]
+    if run_files and not (resume or force):
+        raise InvalidInput(f"--out {folder} already holds a run ({run_files[0].name}): "
+                           "--resume continues it, --force starts over, or give another --out")
     state = _resume_state(folder, cfg) if resume else None
-    _run_training(cfg, folder, state)
+    _run_training(cfg, folder, state, remove=run_files if force else [])
+
+
+# What `wrnsweep train` writes in --out (config.json, metrics.jsonl, checkpoint.pt).
+TRAIN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt")
+
+
+def _train_config(values: dict[str, Any]) -> Any:
+    """TrainConfig from train's options; a hyperparameter of another family is an error."""
+    from trainables.config import TrainConfig
+    from trainables.models.registry import get_family, hparam_names
+
+    family = get_family(values["arch"])
+    foreign = [n for n in hparam_names() if n in values and n not in family.hparam_names]
+    if foreign:
+        options = ", ".join(f"--{n.replace('_', '-')}" for n in foreign)
+        raise ValueError(f"{options} is not a hyperparameter of {family.name} "
+                         f"({family.name} takes {', '.join(family.hparam_names)})")
+    return TrainConfig.from_dict(values)
 
 
 def _resume_state(folder: Path, cfg: Any) -> dict[str, Any]:
@@ -128,7 +176,8 @@ def _resume_state(folder: Path, cfg: Any) -> dict[str, Any]:
     return state
 
 
-def _run_training(cfg: Any, folder: Path, state: dict[str, Any] | None) -> None:
+def _run_training(cfg: Any, folder: Path, state: dict[str, Any] | None,
+                  remove: list[Path]) -> None:
     from trainables.data import load_splits
     from trainables.engine import save_checkpoint, train
 
@@ -137,10 +186,13 @@ def _run_training(cfg: Any, folder: Path, state: dict[str, Any] | None) -> None:
                              synthetic_size=cfg.synthetic_size)
     except FileNotFoundError as err:
         raise InvalidInput(str(err)) from None
+    for path in remove:  # --force: only the files a run of `train` writes
+        path.unlink()
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     metrics_path = folder / "metrics.jsonl"
-    click.echo(f"training {cfg.arch} depth={cfg.depth} width={cfg.width} on {cfg.dataset} "
+    shown = " ".join(f"{k}={v}" for k, v in cfg.model_hparams().items())
+    click.echo(f"training {cfg.arch} {shown} on {cfg.dataset} "
                f"for {cfg.epochs} epochs -> {folder}")
 
     def on_epoch(epoch: int, metrics: dict[str, float], trainer: Any) -> None:
@@ -181,11 +233,12 @@ def _run_sweep(fn: Any, *args: Any, **kwargs: Any) -> Any:
     use_token_if_present()  # before Ray is imported: joining a Ray 2.60 cluster needs it
     from orchestrator.config import ConfigError
     from orchestrator.sweep import SweepError, SweepInterrupted
+    from orchestrator.trust import TrustError
 
     try:
         with _tracking_errors():  # and a store that fails mid-way (a server went away)
             return fn(*args, **kwargs)
-    except ConfigError as err:
+    except (ConfigError, TrustError) as err:  # TrustError: a signing key others can read
         raise InvalidInput(str(err)) from None
     except SweepInterrupted as err:
         click.echo(f"Error: {err}", err=True)
@@ -208,7 +261,7 @@ def _check_store(tracking_uri: str) -> None:
     would otherwise create the database, print MLflow's schema messages and then
     find nothing.
     """
-    from orchestrator.tracking import local_store_path
+    from orchestrator.store import local_store_path
 
     path = local_store_path(tracking_uri)
     if path is not None and not path.exists():
@@ -233,7 +286,7 @@ def _tracking_errors(*, missing_is_input: bool = False) -> Iterator[None]:
     except Exception as err:
         from mlflow.exceptions import MlflowException
 
-        from orchestrator.tracking import error_line
+        from orchestrator.store import error_line
 
         if not isinstance(err, MlflowException):
             raise
@@ -306,21 +359,34 @@ def launch(sweep_file: str, address: str | None, storage: str | None,
     _run_sweep(run_launch, cfg, plan, echo=click.echo)
 
 
+trust_option = click.option(
+    "--trust", is_flag=True,
+    help="Continue a folder this user's wrnsweep did not sign (someone else's, or changed "
+         "since): you vouch for it, since Tune unpickles its state, which runs any code it "
+         "holds. The folder is signed as it is, so later commands need no --trust.")
+
+
 @main.command()
 @click.argument("sweep_dir", type=click.Path(file_okay=False))
 @address_option
-def resume(sweep_dir: str, address: str | None) -> None:
-    """Continue an interrupted sweep from its folder (<storage>/<name>)."""
+@trust_option
+def resume(sweep_dir: str, address: str | None, trust: bool) -> None:
+    """Continue an interrupted sweep from its folder (<storage>/<name>).
+
+    A finished sweep is left as it is (exit 0). Only a folder this user's wrnsweep
+    signed is resumed without --trust (see "Trust and safety" in the README).
+    """
     from orchestrator.sweep import resume as run_resume
 
-    _run_sweep(run_resume, sweep_dir, echo=click.echo, address=address)
+    _run_sweep(run_resume, sweep_dir, echo=click.echo, address=address, trust=trust)
 
 
 @main.command()
 @click.argument("sweep_dir", type=click.Path(file_okay=False))
 @click.option("--num-samples", type=int, required=True, help="Trials to add.")
 @address_option
-def extend(sweep_dir: str, num_samples: int, address: str | None) -> None:
+@trust_option
+def extend(sweep_dir: str, num_samples: int, address: str | None, trust: bool) -> None:
     """Add trials to a finished sweep: same Optuna study, same MLflow parent run."""
     from orchestrator.sweep import extend as run_extend
 
@@ -328,7 +394,8 @@ def extend(sweep_dir: str, num_samples: int, address: str | None) -> None:
         raise InvalidInput(f"--num-samples must be >= 1, got {num_samples}")
     if not Path(sweep_dir).is_dir():
         raise InvalidInput(f"{sweep_dir}: no such sweep folder")
-    _run_sweep(run_extend, sweep_dir, num_samples, echo=click.echo, address=address)
+    _run_sweep(run_extend, sweep_dir, num_samples, echo=click.echo, address=address,
+               trust=trust)
 
 
 def _plan_for(target: str, tracking_uri: str | None) -> Any:
@@ -352,7 +419,7 @@ def _plan_for(target: str, tracking_uri: str | None) -> Any:
         raise InvalidInput(f"{target}: no such sweep folder, and not a sweep name (names "
                            f"match {SWEEP_NAME_RULE})")
     _check_store(tracking_uri)
-    from orchestrator.tracking import SWEEP_TAG, mlflow_client
+    from orchestrator.store import SWEEP_TAG, mlflow_client
 
     client = mlflow_client(tracking_uri)
     runs = client.search_runs(
@@ -378,7 +445,7 @@ def _plan_for(target: str, tracking_uri: str | None) -> Any:
 def best(target: str, top: int | None, as_json: bool, tracking_uri: str | None) -> None:
     """Leaderboard of a sweep from MLflow; TARGET is a sweep folder or a sweep name."""
     from orchestrator.leaderboard import format_table, leaderboard
-    from orchestrator.tracking import mlflow_client
+    from orchestrator.store import mlflow_client
 
     if top is not None and top < 1:
         raise InvalidInput(f"--top must be >= 1, got {top}")
@@ -406,7 +473,7 @@ def report(target: str, out: str | None, tracking_uri: str | None) -> None:
     hyperparameter importances (Optuna fANOVA).
     """
     from orchestrator.report import ARTIFACT_DIR, write_report
-    from orchestrator.tracking import mlflow_client
+    from orchestrator.store import mlflow_client
 
     with _tracking_errors():  # an unreachable store, a deleted run: one line, exit 1
         plan = _plan_for(target, tracking_uri)
@@ -611,6 +678,45 @@ def export_command(model_uri: str, out: str, fmt: str | None, tracking_uri: str 
     click.echo(f"wrote {result.path} ({result.format}): {result.folded_bn} BN folded into "
                f"convs, {result.affine_bn} as affine; max abs difference vs the unfolded "
                f"model {result.max_abs_diff:.3g}")
+
+
+@main.command(name="serve")
+@click.argument("model_uri")
+@click.option("--port", type=int, default=5001, show_default=True,
+              help="Port of the model server (checked free first; 5001 leaves 5000 to "
+                   "`wrnsweep ui`).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to bind; 0.0.0.0 serves the model to the whole network.")
+@tracking_option
+def serve_command(model_uri: str, port: int, host: str, tracking_uri: str | None) -> None:
+    """Serve MODEL_URI over HTTP with `mlflow models serve` until Ctrl-C.
+
+    MODEL_URI: models:/NAME@champion, models:/NAME/V, runs:/ID/model or a model folder.
+    The files are downloaded once into a private temporary folder and checked (the
+    SHA-256 digests recorded at registration; no pickling flavor, no code) before the
+    server loads them, in this environment (--env-manager local). Request: POST
+    /invocations {"inputs": uint8 RGB images (N, 32, 32, 3)}; reply:
+    {"predictions": {"logits": (N, classes)}}.
+    """
+    from orchestrator import registry
+
+    if model_uri.startswith(("models:/", "runs:/")):
+        if not tracking_uri:
+            raise InvalidInput(f"{model_uri}: give the sweep's store with --tracking-uri (e.g. "
+                               "sqlite:///runs/NAME/mlflow.db) or MLFLOW_TRACKING_URI")
+        _check_store(tracking_uri)
+    elif not Path(model_uri).is_dir():
+        raise InvalidInput(f"no model folder at {model_uri!r} (nor a models:/ or runs:/ URI)")
+    try:
+        with _tracking_errors(missing_is_input=True):
+            code = registry.serve(model_uri, tracking_uri=tracking_uri, host=host, port=port,
+                                  echo=click.echo)
+    except (ValueError, FileNotFoundError) as err:  # a refused model, a busy port
+        raise InvalidInput(str(err)) from None
+    except RuntimeError as err:
+        raise click.ClickException(str(err)) from None
+    if code != 0:
+        raise click.ClickException(f"mlflow models serve exited with code {code}")
 
 
 if __name__ == "__main__":  # `python -m orchestrator.cli`, the entrypoint of submitted jobs

@@ -11,6 +11,15 @@ Three traps of OptunaSearch are handled here:
 * with many concurrent trials, TPE's random start-up can eat a small budget, so
   ``n_startup_trials`` defaults to a quarter of the budget (at most 10).
 
+The study lives in an Optuna journal (``optuna-journal.jsonl`` in the sweep
+folder: JSON lines, one per change, appended as they happen), not in a pickle:
+``resume`` and ``extend`` read it back without running any code from the folder
+(see :mod:`orchestrator.trust` for what Tune itself unpickles). The state Tune
+saves for the searcher (``searcher-state-*.json``) is plain JSON too: which Tune
+trial is which Optuna trial. A restored sampler starts from an RNG seeded by the
+sweep's seed and the number of trials so far (:func:`restored_seed`): the same
+folder restores the same way, and an extension does not replay the launch's draws.
+
 And one of TPE at scale: each suggestion reads every finished trial several
 times in Python (about 4 ms per suggestion at 100 trials, 13 ms at 300, 28 ms
 at 1000 on one core here, growing linearly: quadratic over a sweep).
@@ -24,7 +33,11 @@ already count less). The Optuna study itself keeps every trial.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -33,11 +46,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from orchestrator.config import SweepConfig
 from orchestrator.space import define_by_run, grid_points, grid_space, starting_points
-
-# Reported by the trainable with every result, so the searcher can tell a trial
-# that ran to the end from one the scheduler stopped.
-EPOCH_KEY = "epoch"
-TOTAL_EPOCHS_KEY = "total_epochs"
+from trainables.result import EpochResult
 
 # Finished trials TPE models at most (see the module docstring): ~14 ms per
 # suggestion at 500 on one core here, whatever the size of the sweep.
@@ -46,6 +55,9 @@ TPE_HISTORY = 500
 # most 25 trials in TPE's "good" density.
 TPE_KEEP_BEST = 25
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+# The study's journal in the sweep folder (one per sweep: every round adds to it).
+JOURNAL_FILE = "optuna-journal.jsonl"
+_STATE_FORMAT = 1  # of the searcher-state JSON file
 
 
 class _StudyView:
@@ -108,25 +120,183 @@ class CappedTPESampler(optuna.samplers.TPESampler):
                                           param_distribution)
 
 
+def restored_seed(seed: int | None, n_trials: int) -> int | None:
+    """The seed of a sampler restored over a study of ``n_trials`` trials (None: unseeded)."""
+    if seed is None:
+        return None
+    digest = hashlib.sha256(f"wrnsweep-sampler:{seed}:{n_trials}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """How to build the sweep's sampler, so that a restore can build it again, re-seeded."""
+
+    algorithm: str  # tpe, random or grid
+    seed: int | None
+    n_startup_trials: int = 10  # TPE's random warm-up
+    grid_size: int = 0  # grid: the number of points
+
+    def build(self, seed: int | None) -> optuna.samplers.BaseSampler:
+        if self.algorithm == "tpe":
+            # multivariate + group: model the joint distribution per conditional branch.
+            return CappedTPESampler(seed=seed, n_startup_trials=self.n_startup_trials,
+                                    multivariate=True, group=True, constant_liar=True)
+        if self.algorithm == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        if self.algorithm == "grid":
+            return optuna.samplers.GridSampler({"grid_point": list(range(self.grid_size))},
+                                               seed=seed)
+        raise ValueError(f"search.algorithm must be one of ['tpe', 'random', 'grid'], "
+                         f"got {self.algorithm!r}")
+
+
 class HonestOptunaSearch(OptunaSearch):
-    """OptunaSearch that reports scheduler-stopped trials to Optuna as PRUNED."""
+    """OptunaSearch that reports scheduler-stopped trials to Optuna as PRUNED.
+
+    With ``journal`` (a file path), the study lives in Optuna's journal file
+    storage and the saved searcher state is JSON (see the module docstring). The
+    study is opened on first use, not when the searcher is built: building one
+    writes nothing, and ``extend`` restores the study before any trial is asked
+    for, so the starting points are enqueued only into a new study. Without
+    ``journal`` the study is in memory and cannot be restored.
+    """
+
+    # Searcher.save_to_dir / restore_from_dir name the state file after this.
+    CKPT_FILE_TMPL = "searcher-state-{}.json"
+
+    def __init__(self, *args: Any, journal: str | None = None,
+                 sampler_spec: SamplerSpec | None = None, **kwargs: Any) -> None:
+        self._journal = journal
+        self._sampler_spec = sampler_spec
+        # Tune trials whose Optuna trial was already finished in the journal when it
+        # was restored (the driver died after telling Optuna, before Tune's snapshot):
+        # Tune runs them again, Optuna keeps what it was told.
+        self._settled: set[str] = set()
+        super().__init__(*args, **kwargs)
+
+    def _setup_study(self, mode: str | list) -> None:
+        self._study_mode = mode
+        if self._journal is None:
+            super()._setup_study(mode)
+        else:
+            self._ot_study = None
+
+    def _open_study(self) -> None:
+        """Open (or create) the study in the journal; starting points go into a new one."""
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        assert self._journal is not None
+        self._storage = JournalStorage(JournalFileBackend(self._journal))
+        exists = self._study_name in optuna.get_all_study_names(self._storage)
+        points = self._points_to_evaluate
+        if exists:
+            self._points_to_evaluate = []  # enqueued when the study was created
+        try:
+            super()._setup_study(self._study_mode)
+        finally:
+            self._points_to_evaluate = points
+
+    def _study(self) -> None:
+        if self._ot_study is None and self._journal is not None:
+            self._open_study()
+
+    def suggest(self, trial_id: str) -> dict | None:
+        self._study()
+        return super().suggest(trial_id)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._settled:
+            return
+        self._study()
+        super().on_trial_result(trial_id, result)
+
+    def save(self, checkpoint_path: str) -> None:
+        """The searcher's state as JSON; the study itself is in the journal."""
+        if self._journal is None:
+            raise NotImplementedError("an in-memory study is not saved (no journal)")
+        state = {
+            "format": _STATE_FORMAT,
+            "study_name": self._study_name,
+            # Tune trial id -> Optuna trial number (numbers are stable in the journal).
+            "trials": {tid: t.number for tid, t in self._ot_trials.items()},
+            "completed": sorted(self._completed_trials),
+        }
+        Path(checkpoint_path).write_text(json.dumps(state, indent=1) + "\n")
+
+    def restore(self, checkpoint_path: str) -> None:
+        """Continue the study from the journal, with what ``save`` wrote.
+
+        Optuna trials left RUNNING that no saved Tune trial owns were started after
+        Tune's last snapshot: Tune will not run them, so they are told FAIL (else
+        TPE's constant liar would count them as running forever).
+        """
+        state = _read_state(checkpoint_path)
+        if self._journal is None or not Path(self._journal).is_file():
+            if not state["trials"]:
+                return  # saved before the first trial: the study is made at the first one
+            raise RuntimeError(f"no Optuna journal at {self._journal}: this searcher's "
+                               "study cannot be restored")
+        if state["study_name"] != self._study_name:
+            raise RuntimeError(f"{checkpoint_path}: the state of study "
+                               f"{state['study_name']!r}, not {self._study_name!r}")
+        self._open_study()
+        frozen = {t.number: t for t in self._ot_study.get_trials(deepcopy=False)}
+        spec = self._sampler_spec
+        if spec is not None:
+            # A fresh RNG, seeded from the sweep's seed and the trials so far.
+            self._sampler = spec.build(restored_seed(spec.seed, len(frozen)))
+            self._ot_study.sampler = self._sampler
+        owned = {}
+        for tid, number in state["trials"].items():
+            if number in frozen:
+                # Optuna's Trial takes the storage's id of a trial, which FrozenTrial
+                # holds (only) as _trial_id; the number is what the journal keeps stable.
+                owned[tid] = optuna.trial.Trial(self._ot_study, frozen[number]._trial_id)
+        self._ot_trials = owned
+        self._completed_trials = set(state["completed"]) & set(owned)
+        self._settled = {tid for tid, t in owned.items() if tid not in self._completed_trials
+                         and frozen[t.number].state.is_finished()}
+        mine = {t.number for t in owned.values()}
+        for number, trial in frozen.items():
+            if trial.state == TrialState.RUNNING and number not in mine:
+                self._ot_study.tell(number, state=TrialState.FAIL)
 
     def on_trial_complete(
         self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
     ) -> None:
+        if trial_id in self._settled:
+            self._completed_trials.add(trial_id)
+            return
+        self._study()
         if error or not result or trial_id in self._completed_trials:
             super().on_trial_complete(trial_id, result, error)
             return
-        stopped_early = (
-            not result.get("diverged")
-            and result.get(EPOCH_KEY, 0) < result.get(TOTAL_EPOCHS_KEY, 0)
-        )
-        if not stopped_early:
+        if not EpochResult.parse(result).stopped_early:
             super().on_trial_complete(trial_id, result, error)
             return
         # Values must be None for PRUNED: Optuna records the last intermediate value.
         self._ot_study.tell(self._ot_trials[trial_id], None, state=TrialState.PRUNED)
         self._completed_trials.add(trial_id)
+
+
+def _read_state(path: str) -> dict[str, Any]:
+    """A searcher-state file, checked field by field (it is read from the sweep folder)."""
+    try:
+        state = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise RuntimeError(f"{path}: not a searcher state ({err})") from None
+    ok = (isinstance(state, dict) and state.get("format") == _STATE_FORMAT
+          and isinstance(state.get("study_name"), str)
+          and isinstance(state.get("trials"), dict)
+          and all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+                  for k, v in state["trials"].items())
+          and isinstance(state.get("completed"), list)
+          and all(isinstance(t, str) for t in state["completed"]))
+    if not ok:
+        raise RuntimeError(f"{path}: not a searcher state written by this wrnsweep")
+    return state
 
 
 def n_startup_trials(cfg: SweepConfig) -> int:
@@ -136,11 +306,14 @@ def n_startup_trials(cfg: SweepConfig) -> int:
     return max(2, min(10, cfg.search.num_samples // 4))
 
 
-def create_searcher(cfg: SweepConfig, *, study_name: str) -> tuple[Any, int]:
+def create_searcher(cfg: SweepConfig, *, study_name: str,
+                    journal: str | None = None) -> tuple[Any, int]:
     """The Tune searcher for ``cfg`` and the number of trials it will run.
 
     ``algorithm`` must be one of tpe, random, grid. Grid runs every point once,
-    whatever ``num_samples`` says.
+    whatever ``num_samples`` says. ``journal``: the file of the study's Optuna
+    journal (a sweep's ``optuna-journal.jsonl``); without it the study is in
+    memory and cannot be restored.
     """
     import warnings
 
@@ -154,20 +327,12 @@ def create_searcher(cfg: SweepConfig, *, study_name: str) -> tuple[Any, int]:
     search = cfg.search
     num_samples = search.num_samples
     points = starting_points(cfg)
-    if search.algorithm == "tpe":
-        sampler: Any = CappedTPESampler(
-            seed=search.seed, n_startup_trials=n_startup_trials(cfg),
-            # multivariate + group: model the joint distribution per conditional branch.
-            multivariate=True, group=True, constant_liar=True,
-        )
-        space = define_by_run(cfg)
-    elif search.algorithm == "random":
-        sampler = optuna.samplers.RandomSampler(seed=search.seed)
+    if search.algorithm in ("tpe", "random"):
+        spec = SamplerSpec(search.algorithm, search.seed, n_startup_trials=n_startup_trials(cfg))
         space = define_by_run(cfg)
     elif search.algorithm == "grid":
         grid = grid_points(cfg)
-        sampler = optuna.samplers.GridSampler({"grid_point": list(range(len(grid)))},
-                                              seed=search.seed)
+        spec = SamplerSpec("grid", search.seed, grid_size=len(grid))
         space = grid_space(grid)
         num_samples, points = len(grid), []
     else:
@@ -175,8 +340,9 @@ def create_searcher(cfg: SweepConfig, *, study_name: str) -> tuple[Any, int]:
             f"search.algorithm must be one of ['tpe', 'random', 'grid'], got {search.algorithm!r}"
         )
     searcher = HonestOptunaSearch(
-        space=space, metric=search.metric, mode=search.mode, sampler=sampler,
-        study_name=study_name, points_to_evaluate=points or None,
+        space=space, metric=search.metric, mode=search.mode, sampler=spec.build(spec.seed),
+        study_name=study_name, points_to_evaluate=points or None, journal=journal,
+        sampler_spec=spec,
     )
     return ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent), num_samples
 

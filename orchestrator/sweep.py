@@ -10,7 +10,10 @@ wrnsweep's own files:
 * ``mlflow-runs.json`` (+ ``mlflow-runs.journal``, its append-only journal): trial id ->
   MLflow run id and last epoch logged;
 * ``mlflow.db`` and ``mlartifacts/``: the embedded MLflow store, when no
-  tracking URI is given.
+  tracking URI is given;
+* ``optuna-journal.jsonl``: the Optuna study, as JSON lines (every round's trials);
+* ``wrnsweep.signatures``: this user's signatures of the files that resume would
+  unpickle (:mod:`orchestrator.trust`).
 
 When ``storage_path`` is a URI (s3://, gs://), those files stay in a local
 folder ``./runs/<name>/`` on the driver instead.
@@ -86,9 +89,14 @@ class Plan:
         return f"{self.storage_path.rstrip('/')}/{self.name}"
 
     def save(self) -> None:
+        from orchestrator.trust import sign_bytes
+
         Path(self.home).mkdir(parents=True, exist_ok=True)
+        data = (json.dumps(asdict(self), indent=2) + "\n").encode()
+        # Signed before it is written: resume trusts where the plan says to connect.
+        sign_bytes(self.home, META_FILE, data)
         tmp = Path(self.home) / (META_FILE + ".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        tmp.write_bytes(data)
         tmp.replace(Path(self.home) / META_FILE)
 
     @classmethod
@@ -127,6 +135,13 @@ def make_plan(cfg: SweepConfig, *, sweep_file: str, address: str | None = None,
         metric=cfg.search.metric, mode=cfg.search.mode,
         num_samples=num_samples or cfg.search.num_samples, top_k=cfg.tracking.top_k,
     )
+
+
+def journal_path(plan: Plan) -> str:
+    """The sweep's Optuna journal (every round's study)."""
+    from orchestrator.search import JOURNAL_FILE
+
+    return str(Path(plan.home) / JOURNAL_FILE)
 
 
 def with_num_samples(cfg: SweepConfig, num_samples: int) -> SweepConfig:
@@ -251,11 +266,50 @@ def _start_ray(address: str | None) -> None:
         # % of a core less through the sweep (bench/startup.py); joining a cluster
         # takes it as it is (ray.init refuses the option there).
         options = {"include_dashboard": False} if target == "local" else {}
-        ray.init(address=target, log_to_driver=False, **options)
+        with _loopback_only() if target == "local" else contextlib.nullcontext():
+            ray.init(address=target, log_to_driver=False, **options)
     except (ConnectionError, RuntimeError, ray.exceptions.AuthenticationError) as err:
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         raise SweepError(f"could not start or join {where}: "
                          f"{str(err).strip().splitlines()[-1]}") from None
+
+
+# Ray's switch for "this node may be part of a cluster" (ray._private.ray_constants).
+_RAY_CLUSTER_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def _loopback_only() -> Iterator[None]:
+    """While a Ray of our own starts: every Ray process listens on 127.0.0.1 only.
+
+    Ray 2.60 binds its servers (GCS, raylet, workers, dashboard and runtime-env
+    agents) to the node's IP, and takes that IP from the route to the outside
+    unless ``ENABLE_RAY_CLUSTER`` is off, which makes it the loopback address
+    (``ray._private.services.get_node_ip_address``; ``ray.init(_node_ip_address=
+    "127.0.0.1")`` alone is turned back into the outside IP by
+    ``resolve_ip_for_localhost``). Ray reads the switch from the environment when
+    ray is imported: the variable reaches the processes ``ray.init`` starts (the
+    raylet passes it on to the workers it starts later); this process imported
+    ray before (the searcher), so its constant is set as well. Both are put back
+    afterwards: once Ray runs, this process asks the node for its IP, and a later
+    ``ray.init`` that joins a cluster must get the outside IP. Without it, GCS,
+    raylet and workers listen on ``::`` and the agents on 0.0.0.0 and the outside
+    IP; tests/test_local_ray.py lists the sockets of a running sweep.
+    """
+    import ray._private.ray_constants as ray_constants
+
+    before_env = os.environ.get(_RAY_CLUSTER_SWITCH)
+    before_constant = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_RAY_CLUSTER_SWITCH] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before_constant
+        if before_env is None:
+            os.environ.pop(_RAY_CLUSTER_SWITCH, None)
+        else:
+            os.environ[_RAY_CLUSTER_SWITCH] = before_env
 
 
 def _check_cluster(cfg: SweepConfig, plan: Plan) -> bool:
@@ -402,7 +456,7 @@ def _start_tracking(cfg: SweepConfig, plan: Plan) -> None:
 
 def _callbacks(cfg: SweepConfig, plan: Plan, echo: Echo, runs_file: str = RUNS_FILE,
                num_samples: int | None = None,
-               best_so_far: tuple[float, str] | None = None) -> list:
+               best_so_far: tuple[float, str] | None = None, prefix: str = "") -> list:
     from orchestrator.progress import ConsoleProgress
     from orchestrator.tracking import SweepTracker
 
@@ -423,9 +477,13 @@ def _callbacks(cfg: SweepConfig, plan: Plan, echo: Echo, runs_file: str = RUNS_F
     # TensorBoard event files: nothing here reads them, and writing them cost the
     # driver ~9 ms per trial (bench/scale.py). Given explicitly, with Tune's automatic
     # loggers off while a fit runs (`_explicit_loggers_only`, resume included).
+    from orchestrator.trust import StateSigner
+
     # OOM escalation first: the tracker then records the retry with the new share.
+    # The signer signs each snapshot of Tune's state before Tune copies it into the
+    # sweep folder (it is restored with the other callbacks from tuner.pkl on resume).
     return [OomEscalation(tracker, echo), tracker, progress, CSVLoggerCallback(),
-            JsonLoggerCallback()]
+            JsonLoggerCallback(), StateSigner(plan.home, prefix)]
 
 
 def launch(cfg: SweepConfig, plan: Plan, *, echo: Echo = print,
@@ -444,7 +502,9 @@ def launch(cfg: SweepConfig, plan: Plan, *, echo: Echo = print,
             "continues it, --name starts another sweep")
     cfg = with_num_samples(cfg, plan.num_samples)
     splits = _load_splits(cfg)  # before Ray starts: a missing dataset is bad input
-    searcher, num_samples = create_searcher(cfg, study_name=plan.name)
+    # The study's journal is created at the first trial, in the folder made below.
+    searcher, num_samples = create_searcher(cfg, study_name=plan.name,
+                                            journal=journal_path(plan))
     plan.num_samples = num_samples
     _probe_tracking(plan.tracking_uri)
     _start_ray(plan.address)
@@ -456,7 +516,12 @@ def launch(cfg: SweepConfig, plan: Plan, *, echo: Echo = print,
     created = not home.exists()
     home.mkdir(parents=True, exist_ok=True)
     try:
-        (home / SWEEP_FILE).write_text(cfg.source_text)
+        from orchestrator.trust import sign_bytes
+
+        # Signed before it is written: resume loads its dataset and settings.
+        source = cfg.source_text.encode()
+        sign_bytes(home, SWEEP_FILE, source)
+        (home / SWEEP_FILE).write_bytes(source)
         _start_tracking(cfg, plan)
         plan.save()
     except BaseException:
@@ -547,13 +612,34 @@ def _run_tuner(tuner: Any, plan: Plan) -> Any:
     Raises :class:`SweepInterrupted` when a signal stopped it: the runs then stay
     RUNNING and nothing is ranked or registered until ``resume`` ends the sweep.
     """
-    with _explicit_loggers_only():
+    with _explicit_loggers_only(), _sealed_after(plan):
         results, interrupted = _fit_until_signal(tuner)
     if interrupted:
         raise SweepInterrupted(
             f"interrupted ({len(results)} trials of this run started); the state is saved: "
             f"`wrnsweep resume {plan.home}` continues the sweep")
     return results
+
+
+@contextlib.contextmanager
+def _sealed_after(plan: Plan) -> Iterator[None]:
+    """Sign everything Tune left in the sweep folder once fit returns, however it ends.
+
+    Tune's snapshots were signed as they were taken (``trust.StateSigner``); this
+    also covers the last one, written as fit returns (the sweep's end, Ctrl-C or
+    an error). Everything in the folder is this process's Tune's or was checked
+    before it started (resume, extend). When fit raised, a failure to sign does
+    not hide that error.
+    """
+    from orchestrator.trust import sign_folder
+
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            sign_folder(plan.home, plan.experiment_path)
+        raise
+    sign_folder(plan.home, plan.experiment_path)
 
 
 def _rounds(plan: Plan) -> list[tuple[str, str]]:
@@ -571,9 +657,11 @@ def _fit(cfg: SweepConfig, plan: Plan, searcher: Any, num_samples: int, trainabl
     from ray import tune
 
     from orchestrator.search import create_scheduler
+    from orchestrator.trust import sign_folder
 
     path, runs_file = round_ or (plan.experiment_path, RUNS_FILE)
     storage, _, name = path.rpartition("/")
+    prefix = _round_prefix(plan, path)
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -586,7 +674,8 @@ def _fit(cfg: SweepConfig, plan: Plan, searcher: Any, num_samples: int, trainabl
         ),
         run_config=tune.RunConfig(
             name=name, storage_path=storage, verbose=0,
-            callbacks=_callbacks(cfg, plan, echo, runs_file, num_samples, best_so_far),
+            callbacks=_callbacks(cfg, plan, echo, runs_file, num_samples, best_so_far,
+                                 prefix),
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=CHECKPOINTS_TO_KEEP, checkpoint_score_attribute=plan.metric,
                 checkpoint_score_order=plan.mode),
@@ -594,27 +683,38 @@ def _fit(cfg: SweepConfig, plan: Plan, searcher: Any, num_samples: int, trainabl
             failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures),
         ),
     )
+    # Tune wrote tuner.pkl as the Tuner was built: sign it before anything else runs.
+    sign_folder(plan.home, plan.experiment_path, only=[f"{prefix}tuner.pkl"])
     return _run_tuner(tuner, plan)
 
 
+def _round_prefix(plan: Plan, path: str) -> str:
+    """A round's folder inside the sweep's experiment folder: "" or "extend-N/"."""
+    base = plan.experiment_path.rstrip("/")
+    return "" if path.rstrip("/") == base else path[len(base):].strip("/") + "/"
+
+
 def extend(home: str, num_samples: int, *, echo: Echo = print,
-           address: str | None = None) -> dict[str, Any]:
+           address: str | None = None, trust: bool = False) -> dict[str, Any]:
     """Add ``num_samples`` trials to a finished sweep: same Optuna study, same parent run.
 
     Each extension is a Tune experiment of its own inside the sweep's folder
     (``<sweep>/extend-N``): Tune cannot raise the budget of a finished experiment.
-    Its searcher starts from the previous round's saved searcher state, which holds
-    the Optuna study (every trial, pruned ones included, and the sampler's RNG), so
-    TPE goes on from everything the sweep has seen. The trials log into the same
-    MLflow parent run; registration then ranks every round's trials together.
-    ASHA's rungs start empty in each round (Tune does not save scheduler state):
-    a new round's first trials reach a rung unopposed.
+    Its searcher continues the sweep's Optuna study from its journal (every trial,
+    pruned ones included; the sampler re-seeded from the sweep's seed and the
+    trial count), so TPE goes on from everything the sweep has seen. The trials
+    log into the same MLflow parent run; registration then ranks every round's
+    trials together. ASHA's rungs start empty in each round (Tune does not save
+    scheduler state): a new round's first trials reach a rung unopposed.
+
+    The earlier rounds' Tune state is read (unpickled) only if this user's
+    wrnsweep signed it, or with ``trust`` (:func:`trusted_plan`).
     """
     from orchestrator.search import create_searcher
 
     if num_samples < 1:
         raise SweepInputError(f"--num-samples must be >= 1, got {num_samples}")
-    plan = Plan.load(home)
+    plan = trusted_plan(home, "extend", vouch=trust, args=f" --num-samples {num_samples}")
     tracking_env()
     cfg = load_sweep(Path(plan.home) / SWEEP_FILE)
     if cfg.search.algorithm == "grid":
@@ -624,18 +724,24 @@ def extend(home: str, num_samples: int, *, echo: Echo = print,
         plan.address = address
     last_path, _ = _rounds(plan)[-1]
     _require_finished(last_path)
+    _require_journal(plan, last_path)
     cfg = with_num_samples(cfg, num_samples)
-    searcher, _ = create_searcher(cfg, study_name=plan.name)
-    searcher.restore_from_dir(last_path)  # the Optuna study so far (ConcurrencyLimiter
-    # passes it to the OptunaSearch it wraps)
+    searcher, _ = create_searcher(cfg, study_name=plan.name, journal=journal_path(plan))
+    # The Optuna study so far, from the journal, with the Tune -> Optuna trial map of
+    # the last round. Searcher.restore_from_dir looks for the state file named by the
+    # class it is called on: the OptunaSearch that the ConcurrencyLimiter wraps.
+    searcher.searcher.restore_from_dir(last_path)
     splits = _load_splits(cfg)
     _start_ray(plan.address)
     has_gpu = _check_cluster(cfg, plan)
     name = f"extend-{len(plan.extra.get('rounds', [])) + 1}"
     plan.extra.setdefault("rounds", []).append(name)
     plan.num_samples += num_samples
-    plan.save()
+    # The parent run is RUNNING again before the plan names the new round: a driver
+    # killed in between leaves a sweep that resume finishes, not one it calls finished
+    # while the plan names a round that never ran.
     client = _reopen_parent(plan, name, num_samples)
+    plan.save()
     echo(f"extending sweep {plan.name} by {num_samples} trials -> {plan.experiment_path}/{name}"
          f" (parent run {plan.parent_run_id}, {client.get_experiment(plan.experiment_id).name})")
     earlier = client.get_run(plan.parent_run_id).data.metrics.get(f"best_{plan.metric}")
@@ -643,6 +749,69 @@ def extend(home: str, num_samples: int, *, echo: Echo = print,
                    _rounds(plan)[-1], echo,
                    best_so_far=None if earlier is None else (earlier, "earlier rounds"))
     return finish(cfg, plan, results, echo=echo)
+
+
+def trusted_plan(home: str, command: str, *, vouch: bool = False, args: str = "") -> Plan:
+    """The plan of a sweep folder whose state this user's wrnsweep signed.
+
+    ``command`` (resume, extend) and its other ``args`` make the command line that
+    a refusal suggests with ``--trust``.
+
+    Checked before anything of the folder is used: ``wrnsweep.json`` (it says
+    where everything else is, which Ray and tracking store to connect to), then
+    ``sweep.yaml`` (the dataset and its location) and every file of the Tune
+    experiment that Tune would unpickle (:mod:`orchestrator.trust`). ``vouch``
+    (``--trust``): the user vouches for the folder; it is signed as it is first.
+    """
+    from orchestrator.trust import TrustError, UntrustedFile, check_folder, sign_folder
+
+    try:
+        if vouch:
+            sign_folder(home, None, own=[META_FILE])
+        check_folder(home, None, own=[META_FILE])
+        plan = Plan.load(home)
+        if vouch:
+            sign_folder(plan.home, plan.experiment_path, own=[SWEEP_FILE])
+        check_folder(plan.home, plan.experiment_path, own=[SWEEP_FILE])
+    except UntrustedFile as err:
+        raise SweepInputError(
+            f"{err}. {command} unpickles Tune's state from the folder, which runs any code in "
+            f"it, so it reads only what this user's wrnsweep signed; `wrnsweep {command} "
+            f"--trust {home}{args}` continues a folder you vouch for") from None
+    except TrustError as err:
+        raise SweepInputError(str(err)) from None
+    return plan
+
+
+def _require_journal(plan: Plan, experiment_path: str) -> None:
+    """Refuse a sweep whose Optuna study is a pickle (written by an earlier wrnsweep)."""
+    if Path(journal_path(plan)).is_file() or is_uri(experiment_path):
+        return
+    if list(Path(experiment_path).glob("searcher-state-*.pkl")):
+        raise SweepInputError(
+            f"{plan.home}: the Optuna study of this sweep is a pickle (written by an earlier "
+            "wrnsweep, before the study was kept as a journal); continue it with that version")
+
+
+def _finished_status(plan: Plan) -> str | None:
+    """FINISHED when ``finish`` completed the sweep; None while there is more to do.
+
+    ``finish`` ends the parent run as its last step, and ``extend`` sets it RUNNING
+    before the plan names a new round, so a FINISHED parent run means every round ran
+    and was ranked. FAILED (no trial produced a model) is not finished: resume runs
+    the errored trials again (``resume_errored``), e.g. after a fix. A local store
+    that is gone is refused, not made again, empty.
+    """
+    from orchestrator.tracking import local_store_path, mlflow_client
+
+    store = local_store_path(plan.tracking_uri)
+    if store is not None and not store.exists():
+        raise SweepInputError(f"{plan.tracking_uri}: the sweep's tracking store is gone "
+                              f"({store} does not exist)")
+    if not plan.parent_run_id:
+        return None
+    status = mlflow_client(plan.tracking_uri).get_run(plan.parent_run_id).info.status
+    return status if status == "FINISHED" else None
 
 
 def _require_finished(experiment_path: str) -> None:
@@ -672,21 +841,32 @@ def _reopen_parent(plan: Plan, round_name: str, num_samples: int) -> Any:
     return client
 
 
-def resume(home: str, *, echo: Echo = print, address: str | None = None) -> dict[str, Any]:
+def resume(home: str, *, echo: Echo = print, address: str | None = None,
+           trust: bool = False) -> dict[str, Any]:
     """Continue an interrupted sweep from its folder (driver killed, even by SIGKILL).
 
     Only the last round can be unfinished (``extend`` refuses to start otherwise).
+    A sweep that has finished (its parent run FINISHED: ``finish`` ran to the
+    end) is left as it is: nothing is started, registered or changed.
+    Tune's pickled state is read only if this user's wrnsweep signed it, or with
+    ``trust`` (:func:`trusted_plan`).
     """
     from ray import tune
 
-    plan = Plan.load(home)
+    plan = trusted_plan(home, "resume", vouch=trust)
     tracking_env()
     path, _ = _rounds(plan)[-1]
     cfg = load_sweep(Path(plan.home) / SWEEP_FILE)
     if address is not None:
         plan.address = address
+    status = _finished_status(plan)
+    if status is not None:
+        echo(f"sweep {plan.name} has finished (parent run {plan.parent_run_id}): nothing "
+             f"to resume; `wrnsweep extend {home} --num-samples N` adds trials")
+        return {"resumed": False, "status": status}
     if not tune.Tuner.can_restore(path):
         raise SweepInputError(f"{path}: no Tune experiment state to resume")
+    _require_journal(plan, path)
     splits = _load_splits(cfg)
     _start_ray(plan.address)
     has_gpu = _check_cluster(cfg, plan)
@@ -758,7 +938,7 @@ def finish(cfg: SweepConfig, plan: Plan, results: Any, *, echo: Echo = print) ->
                                 test_acc=(result.metrics or {}).get("test_acc")))
     sweep_run_ids = {entry["run_id"] for entry in runs.values() if entry.get("run_id")}
     versions = register(client, plan.registered_model, chosen, metric=plan.metric,
-                        sweep_run_ids=sweep_run_ids) if chosen else []
+                        sweep_run_ids=sweep_run_ids, echo=echo) if chosen else []
     errors = sum(1 for r in results if r.error)
     status = "FINISHED" if chosen else "FAILED"
     if plan.parent_run_id:

@@ -1,15 +1,14 @@
 """`wrnsweep extend`: more trials for a finished sweep, same Optuna study, same parent run.
 
 Real Ray, Optuna and a SQLite MLflow store; everything is read back from the
-sweep folder (Tune's searcher state) and through MlflowClient.
+sweep folder (the study's Optuna journal) and through MlflowClient. The signing
+key (orchestrator.trust) lives in a config folder of this module's own.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import pickle
 import re
 import subprocess
 import sys
@@ -29,11 +28,15 @@ def wrnsweep(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
                           timeout=600, env={**os.environ, "RAY_ADDRESS": ""})
 
 
-def study_of(experiment_dir: Path):
-    """The Optuna study that Tune saved with the round's searcher state."""
-    path = max(glob.glob(str(experiment_dir / "searcher-state-*.pkl")))
-    with open(path, "rb") as f:  # the test's own sweep output, written by Tune
-        return pickle.load(f)["_ot_study"]
+def study_of(home: Path):
+    """The sweep's Optuna study, read from its journal (JSON lines: no pickle)."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    meta = json.loads((home / "wrnsweep.json").read_text())
+    storage = JournalStorage(JournalFileBackend(str(home / "optuna-journal.jsonl")))
+    return optuna.load_study(study_name=meta["name"], storage=storage)
 
 
 @pytest.fixture(scope="module")
@@ -86,11 +89,15 @@ def test_extend_adds_trials_to_the_same_parent_run(extended) -> None:
 
 def test_extend_continues_the_optuna_study(extended) -> None:
     home, before = extended["home"], extended["before"]
-    after = study_of(home / "extend-1").trials
+    after = study_of(home).trials
     assert len(before) == 3 and len(after) == 5
     # The first three trials are the launch's, unchanged: the study went on, not anew.
     assert [(t.number, t.params, t.state) for t in after[:3]] == before
     assert all(t.state.is_finished() for t in after)
+    # The searcher's state is JSON beside the journal: nothing of it is a pickle.
+    assert not list(home.rglob("searcher-state-*.pkl"))
+    assert list(home.glob("searcher-state-*.json")) and list(
+        (home / "extend-1").glob("searcher-state-*.json"))
 
 
 def test_extend_registers_across_rounds_without_duplicates(extended) -> None:

@@ -1,18 +1,21 @@
 """End to end: `wrnsweep launch` / `resume` / `best` on real Ray, Optuna and a SQLite MLflow.
 
 Every assertion reads results back from where a user would look: MlflowClient
-(runs, metric histories, registry) and the files of the sweep folder.
+(runs, metric histories, registry) and the files of the sweep folder. The
+signing key (orchestrator.trust) lives in a config folder of this module's own.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -135,7 +138,7 @@ def test_best_prints_the_leaderboard_from_mlflow(finished_sweep) -> None:
     assert table.stdout.splitlines()[0].split()[:3] == ["rank", "run", "arch"]
     rows = json.loads(wrnsweep("best", str(home), "--top", "2", "--json", cwd=home).stdout)
     assert [r["rank"] for r in rows] == [1, 2]
-    assert rows[0]["best"] >= rows[1]["best"]
+    assert rows[0]["best_val_acc"] >= rows[1]["best_val_acc"]  # the score under its name
     _, meta = client_for(home)
     by_name = wrnsweep("best", "e2e", "--tracking-uri", meta["tracking_uri"], "--json",
                        cwd=home)
@@ -167,6 +170,75 @@ def test_launching_the_same_sweep_again_is_refused(finished_sweep) -> None:
     again = wrnsweep("launch", str(TWO_ARCH), "--storage", str(home.parent), cwd=home)
     assert again.returncode == 2
     assert "wrnsweep resume" in again.stderr and "Traceback" not in again.stderr
+
+
+def _tune_files(home: Path) -> dict[str, tuple[int, int]]:
+    """Size and mtime of every file of the sweep folder but the SQLite store."""
+    return {str(p.relative_to(home)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in home.rglob("*") if p.is_file() and not p.name.startswith("mlflow.db")}
+
+
+def test_resume_of_a_finished_sweep_changes_nothing(finished_sweep) -> None:
+    """Nothing to resume: exit 0 and say so; no Ray, no registration, the parent run's
+    end time and the registry's versions as they were, no file of the folder touched."""
+    home, _ = finished_sweep
+    client, meta = client_for(home)
+
+    def versions() -> list[tuple[Any, ...]]:
+        return sorted((v.version, v.run_id, tuple(sorted(v.aliases)),
+                       tuple(sorted(v.tags.items())))
+                      for v in client.search_model_versions("name = 'e2e'"))
+
+    parent, before, files = client.get_run(meta["parent_run_id"]), versions(), _tune_files(home)
+    resumed = wrnsweep("resume", str(home), cwd=home.parent)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "nothing to resume" in resumed.stdout
+    assert "resuming" not in resumed.stdout and "registered" not in resumed.stdout
+    after = client.get_run(meta["parent_run_id"])
+    assert (after.info.status, after.info.end_time) == ("FINISHED", parent.info.end_time)
+    assert after.data.metrics == parent.data.metrics
+    assert versions() == before
+    assert _tune_files(home) == files
+
+
+class _CreatesFile:
+    """Unpickling this calls open(path, "w"): the file appears if anything unpickles it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (self.path, "w"))
+
+
+def test_tune_state_not_written_here_is_refused_until_trusted(finished_sweep,
+                                                              tmp_path: Path) -> None:
+    """A tuner.pkl that this user's wrnsweep did not write is refused before anything
+    unpickles it (its payload would create a file); a harmless change too, until
+    --trust, after which the folder is signed and resumes as before."""
+    home, _ = finished_sweep
+    tuner = home / "tuner.pkl"
+    original, marker = tuner.read_bytes(), tmp_path / "pwned"
+    try:
+        tuner.write_bytes(pickle.dumps(_CreatesFile(marker)))
+        refused = wrnsweep("resume", str(home), cwd=home.parent)
+        assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
+        assert f"{tuner}: changed since this user's wrnsweep signed it" in refused.stderr
+        assert f"`wrnsweep resume --trust {home}`" in refused.stderr
+        assert "Traceback" not in refused.stdout + refused.stderr
+        assert not marker.exists()
+
+        # The same state plus a byte that unpickling ignores: still not what was signed.
+        tuner.write_bytes(original + b"\n")
+        assert wrnsweep("resume", str(home), cwd=home.parent).returncode == 2
+        trusted = wrnsweep("resume", "--trust", str(home), cwd=home.parent)
+        assert trusted.returncode == 0, trusted.stdout[-2000:] + trusted.stderr[-2000:]
+        assert "nothing to resume" in trusted.stdout
+        again = wrnsweep("resume", str(home), cwd=home.parent)  # signed by --trust
+        assert again.returncode == 0, again.stderr[-2000:]
+    finally:
+        tuner.write_bytes(original)  # its signature is kept beside the newer one
+    assert wrnsweep("resume", str(home), cwd=home.parent).returncode == 0
 
 
 def _wait_for(condition, timeout: float, what: str) -> None:
