@@ -261,11 +261,16 @@ def _check_store(tracking_uri: str) -> None:
     would otherwise create the database, print MLflow's schema messages and then
     find nothing.
     """
-    from orchestrator.store import local_store_path
+    from orchestrator.store import StoreMovedError, local_store_path, relocate_store
 
     path = local_store_path(tracking_uri)
     if path is not None and not path.exists():
         raise InvalidInput(f"{tracking_uri}: no such tracking store ({path} does not exist)")
+    if path is not None and (path.parent / "wrnsweep.json").exists():
+        try:  # a sweep folder's own store, maybe moved: re-point it at its artifacts
+            relocate_store(path)
+        except StoreMovedError as err:
+            raise InvalidInput(str(err)) from None
 
 
 @contextlib.contextmanager
@@ -283,6 +288,8 @@ def _tracking_errors(*, missing_is_input: bool = False) -> Iterator[None]:
         yield
     except SweepInputError as err:
         raise InvalidInput(str(err)) from None
+    except click.ClickException:
+        raise  # already the command's answer (and MLflow need not be imported to say so)
     except Exception as err:
         from mlflow.exceptions import MlflowException
 
@@ -514,6 +521,30 @@ def ui_command(target: str, port: int, host: str, tracking_uri: str | None) -> N
         raise click.ClickException(str(err)) from None
     if code != 0:
         raise click.ClickException(f"mlflow server exited with code {code}")
+
+
+@main.command()
+@click.argument("sweep_dir", type=click.Path(file_okay=False))
+@click.option("--port", type=int, default=8080, show_default=True,
+              help="Port of the dashboard (0: any free port; the URL printed says which).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to bind; 0.0.0.0 shows the study to the whole network.")
+def dashboard(sweep_dir: str, port: int, host: str) -> None:
+    """optuna-dashboard for a sweep's Optuna study, read-only, until Ctrl-C.
+
+    SWEEP_DIR is a sweep folder; its optuna-journal.jsonl holds every trial with its
+    parameters, its value per epoch (pruned trials up to the rung that stopped them)
+    and, as the user attribute wrnsweep.trial_id, the tag of its MLflow run. Requests
+    that would change the study are refused (403): resume and extend read it.
+    """
+    from orchestrator.search import serve_dashboard
+
+    if not Path(sweep_dir).is_dir():
+        raise InvalidInput(f"{sweep_dir}: no such sweep folder")
+    try:
+        serve_dashboard(sweep_dir, host=host, port=port, echo=click.echo)
+    except (FileNotFoundError, ValueError) as err:  # no study yet; a port in use
+        raise InvalidInput(str(err)) from None
 
 
 # -- cluster jobs -------------------------------------------------------------------------

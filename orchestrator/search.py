@@ -1,24 +1,43 @@
 """Searcher and scheduler factories (string-keyed, lazy imports, as Ray Tune does).
 
-Three traps of OptunaSearch are handled here:
+Four traps of OptunaSearch and ASHA are handled here:
 
 * its default study name is the constant "optuna" with ``load_if_exists=True``,
   so two sweeps on one storage would merge: the study is named after the sweep;
 * a trial stopped early by ASHA reaches Optuna as COMPLETE with its truncated
   score, which misleads TPE: :class:`HonestOptunaSearch` tells such a trial as
-  PRUNED at its last step (its intermediate values are already in the study, and
-  Optuna's TPE ranks pruned trials by how far they got);
+  PRUNED at the epoch it reached. Optuna 5's TPE ranks pruned trials below the
+  complete ones, by how far they got, then by their last intermediate value;
+* Tune never hands the searcher the result that made its scheduler stop a trial
+  (``tune_controller.py``: "Only updating search alg if the trial is not to be
+  stopped"): it arrives only as the ``result`` of ``on_trial_complete`` (Tune's
+  ``trial.last_result``). :class:`HonestOptunaSearch` records it there as the
+  trial's intermediate value at that epoch before telling Optuna, so a trial
+  stopped at rung r holds every epoch's value up to r (before, a trial stopped at
+  its first rung held none, and TPE ranked it as the worst possible);
 * with many concurrent trials, TPE's random start-up can eat a small budget, so
   ``n_startup_trials`` defaults to a quarter of the budget (at most 10).
+
+ASHA's first rung, by default, comes one epoch after the first learning-rate
+drop, at most half-way (:func:`default_grace_period`): on short schedules the
+metric before the drop says little about the final one (issue 15, 48 trials on
+digits, 8 epochs: rank correlation of val_acc with the trial's final best 0.14
+after epoch 1, 0.85 after epoch 4), and ASHA at grace 1 stopped the eventual
+winner after its first epoch in 2 of 3 sweeps. A sweep file's ``grace_period``
+still wins. What the defaults save is measured by ``bench/search_efficiency.py``
+(README, "Search efficiency"); so far on one seed, which is not yet a claim.
 
 The study lives in an Optuna journal (``optuna-journal.jsonl`` in the sweep
 folder: JSON lines, one per change, appended as they happen), not in a pickle:
 ``resume`` and ``extend`` read it back without running any code from the folder
-(see :mod:`orchestrator.trust` for what Tune itself unpickles). The state Tune
-saves for the searcher (``searcher-state-*.json``) is plain JSON too: which Tune
-trial is which Optuna trial. A restored sampler starts from an RNG seeded by the
-sweep's seed and the number of trials so far (:func:`restored_seed`): the same
-folder restores the same way, and an extension does not replay the launch's draws.
+(see :mod:`orchestrator.trust` for what Tune itself unpickles), and ``wrnsweep
+dashboard`` serves it with optuna-dashboard (:func:`dashboard_app`). Each Optuna
+trial carries its Tune trial id as the user attribute ``wrnsweep.trial_id``, the
+tag of the trial's MLflow run. The state Tune saves for the searcher
+(``searcher-state-*.json``) is plain JSON too: which Tune trial is which Optuna
+trial. A restored sampler starts from an RNG seeded by the sweep's seed and the
+number of trials so far (:func:`restored_seed`): the same folder restores the
+same way, and an extension does not replay the launch's draws.
 
 And one of TPE at scale: each suggestion reads every finished trial several
 times in Python (about 4 ms per suggestion at 100 trials, 13 ms at 300, 28 ms
@@ -34,6 +53,7 @@ already count less). The Optuna study itself keeps every trial.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 from dataclasses import dataclass
@@ -44,8 +64,14 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
-from orchestrator.config import SweepConfig
-from orchestrator.space import define_by_run, grid_points, grid_space, starting_points
+from orchestrator.config import MilestoneSpace, SweepConfig
+from orchestrator.space import (
+    define_by_run,
+    grid_points,
+    grid_space,
+    mean_first_milestone,
+    starting_points,
+)
 from trainables.result import EpochResult
 
 # Finished trials TPE models at most (see the module docstring): ~14 ms per
@@ -57,6 +83,8 @@ TPE_KEEP_BEST = 25
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # The study's journal in the sweep folder (one per sweep: every round adds to it).
 JOURNAL_FILE = "optuna-journal.jsonl"
+# The Optuna user attribute holding the Tune trial id: the MLflow run's wrnsweep.trial_id tag.
+TRIAL_ATTR = "wrnsweep.trial_id"
 _STATE_FORMAT = 1  # of the searcher-state JSON file
 
 
@@ -173,6 +201,10 @@ class HonestOptunaSearch(OptunaSearch):
         # was restored (the driver died after telling Optuna, before Tune's snapshot):
         # Tune runs them again, Optuna keeps what it was told.
         self._settled: set[str] = set()
+        # Tune trial id -> the last epoch whose value the study holds: each epoch is told
+        # once (a trial resumed from a checkpoint reports some epochs again, and Tune
+        # repeats a finished trial's last result).
+        self._last_step: dict[str, int] = {}
         super().__init__(*args, **kwargs)
 
     def _setup_study(self, mode: str | list) -> None:
@@ -204,13 +236,38 @@ class HonestOptunaSearch(OptunaSearch):
 
     def suggest(self, trial_id: str) -> dict | None:
         self._study()
-        return super().suggest(trial_id)
+        config = super().suggest(trial_id)
+        if config is not None and trial_id in self._ot_trials:
+            # Links the Optuna trial (optuna-dashboard) to its MLflow run (the same tag).
+            self._ot_trials[trial_id].set_user_attr(TRIAL_ATTR, trial_id)
+        return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id in self._settled:
+        if trial_id in self._settled or trial_id in self._completed_trials:
             return
         self._study()
-        super().on_trial_result(trial_id, result)
+        self._record(trial_id, result)
+
+    def _record(self, trial_id: str, result: dict[str, Any]) -> None:
+        """Tell Optuna the trial's metric as its intermediate value at the result's epoch.
+
+        The step is the trial's own epoch count (``EpochResult``; Tune's
+        ``training_iteration`` where a result has none), as ASHA's rungs and MLflow's
+        metric steps count; an epoch the study already holds is not told again.
+        """
+        if isinstance(self.metric, list) or trial_id not in self._ot_trials:
+            return  # Optuna keeps no intermediate values for several objectives
+        value = result.get(self.metric)
+        step = EpochResult.parse(result).epoch
+        if value is None or step <= self._last_step.get(trial_id, 0):
+            return
+        self._ot_trials[trial_id].report(float(value), step)
+        self._last_step[trial_id] = step
+
+    def use_journal(self, journal: str) -> None:
+        """Keep the study in ``journal`` from now on: a restored searcher whose sweep folder
+        has moved since it was pickled (the study is opened at the first use)."""
+        self._journal = journal
 
     def save(self, checkpoint_path: str) -> None:
         """The searcher's state as JSON; the study itself is in the journal."""
@@ -256,6 +313,8 @@ class HonestOptunaSearch(OptunaSearch):
                 owned[tid] = optuna.trial.Trial(self._ot_study, frozen[number]._trial_id)
         self._ot_trials = owned
         self._completed_trials = set(state["completed"]) & set(owned)
+        self._last_step = {tid: max(frozen[t.number].intermediate_values, default=0)
+                           for tid, t in owned.items()}
         self._settled = {tid for tid, t in owned.items() if tid not in self._completed_trials
                          and frozen[t.number].state.is_finished()}
         mine = {t.number for t in owned.values()}
@@ -273,6 +332,10 @@ class HonestOptunaSearch(OptunaSearch):
         if error or not result or trial_id in self._completed_trials:
             super().on_trial_complete(trial_id, result, error)
             return
+        # Tune withholds the result on which its scheduler stopped the trial from
+        # on_trial_result (ASHA stops at a rung, and at max_t too) and hands it here, as
+        # the trial's last result: recorded first, the study holds every epoch it ran.
+        self._record(trial_id, result)
         if not EpochResult.parse(result).stopped_early:
             super().on_trial_complete(trial_id, result, error)
             return
@@ -348,7 +411,56 @@ def create_searcher(cfg: SweepConfig, *, study_name: str,
 
 
 def max_epochs(cfg: SweepConfig) -> int:
+    """The longest architecture's epochs: ASHA's ``max_t``."""
     return max(cfg.epochs_for(arch) for arch in cfg.arch_names())
+
+
+def first_milestone(cfg: SweepConfig, arch: str) -> float | None:
+    """The fraction of the epochs at which ``arch``'s learning rate first drops.
+
+    The sweep's constant milestones, else the paper's (the family's recipe);
+    searched milestones give the mean of their first draw. None: no drop at all.
+    """
+    from trainables.models.registry import get_family
+
+    param = cfg.params_for(arch).get("milestones")
+    if isinstance(param, MilestoneSpace):
+        return mean_first_milestone(param)
+    values = tuple(param.value) if param is not None else get_family(arch).recipe.milestones
+    return float(values[0]) if values else None
+
+
+def arch_grace_period(cfg: SweepConfig, arch: str) -> int:
+    """The first epoch after which ``arch``'s metric says something about the final one.
+
+    One epoch after the first learning-rate drop (the drop acts at the start of
+    0-based epoch ``round(m * epochs)``, as ``TrainConfig.milestone_epochs``),
+    because accuracy jumps there; at most half the epochs, so that a rung still
+    saves training on a late drop (and without any drop); never inside the
+    warm-up, where every lr is still climbing.
+    """
+    epochs = cfg.epochs_for(arch)
+    warmup = int(cfg.recipe_constants(arch).get("warmup_epochs") or 0)
+    half = math.ceil(epochs / 2)
+    m = first_milestone(cfg, arch)
+    grace = half if m is None else min(max(1, round(m * epochs)) + 1, half)
+    return max(1, min(epochs, max(grace, warmup + 1)))
+
+
+def default_grace_period(cfg: SweepConfig) -> int:
+    """ASHA's first rung when the sweep file gives none: the earliest architecture's.
+
+    One rung serves every architecture, and it must not be beyond any of their
+    epochs (the validator's rule for an explicit ``grace_period``).
+    """
+    return min(arch_grace_period(cfg, arch) for arch in cfg.arch_names())
+
+
+def grace_period(cfg: SweepConfig) -> int:
+    """ASHA's grace period in epochs: the sweep file's ``grace_period``, else the recipe's."""
+    if "grace_period" in cfg.scheduler.model_fields_set:
+        return cfg.scheduler.grace_period
+    return default_grace_period(cfg)
 
 
 def create_scheduler(cfg: SweepConfig) -> Any:
@@ -358,7 +470,7 @@ def create_scheduler(cfg: SweepConfig) -> Any:
     spec = cfg.scheduler
     if spec.name == "asha":
         return ASHAScheduler(time_attr="training_iteration", max_t=max_epochs(cfg),
-                             grace_period=spec.grace_period,
+                             grace_period=grace_period(cfg),
                              reduction_factor=spec.reduction_factor)
     if spec.name == "hyperband":
         return HyperBandScheduler(time_attr="training_iteration", max_t=max_epochs(cfg),
@@ -373,9 +485,152 @@ def asha_rungs(cfg: SweepConfig) -> list[int]:
     """Epochs at which ASHA compares trials: grace * rf^k below the maximum."""
     if cfg.scheduler.name != "asha":
         return []
-    rungs, t, top = [], float(cfg.scheduler.grace_period), max_epochs(cfg)
+    rungs, t, top = [], float(grace_period(cfg)), max_epochs(cfg)
     while t < top:
         # A rung acts once the epoch count reaches it (ASHA: iteration >= milestone).
         rungs.append(math.ceil(t - 1e-9))
         t *= cfg.scheduler.reduction_factor
     return rungs
+
+
+def planned_epochs(cfg: SweepConfig, trials: int) -> tuple[int, float]:
+    """The most epochs ``trials`` trials can spend, and what ASHA spends when full.
+
+    The most: every trial to the longest architecture's end, which FIFO does and
+    ASHA may (an asynchronous rung passes on whoever beats the trials it has seen
+    so far: its first trials pass unopposed). The second figure is the spend when
+    each rung passes exactly 1/rf of the trials on, as a full synchronous rung does;
+    equal to the first for FIFO and HyperBand (not modelled).
+    """
+    top = max_epochs(cfg)
+    most = trials * top
+    rungs = asha_rungs(cfg)
+    if not rungs:
+        return most, float(most)
+    rf = cfg.scheduler.reduction_factor
+    bounds = [*rungs, top]
+    per_trial = bounds[0] + sum((b - a) / rf ** (k + 1)
+                                for k, (a, b) in enumerate(itertools.pairwise(bounds)))
+    return most, trials * per_trial
+
+
+def describe_schedule(cfg: SweepConfig, trials: int) -> list[str]:
+    """``launch --dry-run``'s scheduler lines: rungs, and the epochs the plan can spend."""
+    sched = cfg.scheduler
+    most, full = planned_epochs(cfg, trials)
+    top = max_epochs(cfg)
+    if sched.name != "asha":
+        return [f"scheduler: {sched.name}",
+                f"epochs: at most {most} ({trials} trials x {top})"]
+    source = ("the sweep file's" if "grace_period" in sched.model_fields_set
+              else "from the recipe: one epoch after the first lr drop, at most half the epochs")
+    return [
+        f"scheduler: ASHA on epochs, grace {grace_period(cfg)} ({source}), reduction "
+        f"factor {sched.reduction_factor:g}, rungs at epochs {asha_rungs(cfg)}, max {top}",
+        f"epochs: at most {most} ({trials} trials x {top}, if ASHA passes every trial on); "
+        f"about {full:.0f} when each rung passes 1/{sched.reduction_factor:g} on",
+    ]
+
+
+# -- optuna-dashboard ------------------------------------------------------------------
+# Requests the dashboard may answer: it reads the study. Its other routes create,
+# rename or delete studies, tell trials and write notes, which would change the
+# sweep's study under resume and extend (and, with --host, for anyone who can reach it).
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+class ReadOnlyApp:
+    """A WSGI app that refuses every request that could change what it serves."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.get("REQUEST_METHOD", "GET").upper() in _SAFE_METHODS:
+            return self.app(environ, start_response)
+        body = json.dumps({"reason": "wrnsweep dashboard serves the sweep's study "
+                                     "read-only"}).encode()
+        start_response("403 Forbidden", [("Content-Type", "application/json"),
+                                          ("Content-Length", str(len(body)))])
+        return [body]
+
+
+def sweep_journal(home: str | Path) -> Path:
+    """The Optuna journal of the sweep folder ``home``; FileNotFoundError if it has none."""
+    path = Path(home) / JOURNAL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{home}: no Optuna study ({JOURNAL_FILE}); give the folder of a sweep "
+            "(`<storage>/<name>`) that has run at least one trial")
+    return path
+
+
+def open_journal(journal: str | Path) -> Any:
+    """Optuna's storage over an existing journal file (reading it writes nothing)."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return JournalStorage(JournalFileBackend(str(journal)))
+
+
+def dashboard_app(storage: Any) -> ReadOnlyApp:
+    """optuna-dashboard's WSGI app over ``storage``, read-only."""
+    from optuna_dashboard import wsgi
+
+    return ReadOnlyApp(wsgi(storage))
+
+
+def _stop_serving(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM ends the server as Ctrl-C does: socket closed, exit 0
+
+
+def serve_dashboard(home: str | Path, *, host: str = "127.0.0.1", port: int = 8080,
+                    echo: Any = print) -> None:
+    """Serve the sweep's study with optuna-dashboard until Ctrl-C (or SIGTERM).
+
+    Binds before anything is printed: a port in use is a ``ValueError`` (``port`` 0
+    takes any free port, and the URL printed says which).
+    """
+    import signal
+    import socket
+    import socketserver
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    journal = sweep_journal(home)
+    storage = open_journal(journal)
+    studies = storage.get_all_studies()
+    if not studies:
+        raise FileNotFoundError(f"{journal}: the journal holds no study yet")
+    # The sweep's study carries the sweep's name (the folder's name, unless --name).
+    try:
+        name = json.loads((Path(home) / "wrnsweep.json").read_text()).get("name")
+    except (OSError, ValueError, AttributeError):
+        name = None  # no plan (a bare journal), or one this wrnsweep cannot read
+    study = next((s for s in studies if s.study_name == name), studies[0])
+
+    class Server(socketserver.ThreadingMixIn, WSGIServer):
+        # Threads: the page polls several routes at once; a slow one must not stall it.
+        daemon_threads = True
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # one line per poll of the page would bury the URL
+
+    try:
+        server = make_server(host, port, dashboard_app(storage), server_class=Server,
+                             handler_class=Quiet)
+    except OSError as err:
+        raise ValueError(f"cannot serve on {host}:{port}: {err.strerror or err}") from None
+    shown = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "[::1]"}.get(
+        host, f"[{host}]" if ":" in host else host)
+    url = f"http://{shown}:{server.server_port}/dashboard/studies/{study._study_id}"
+    echo(f"optuna-dashboard: {url} (study {study.study_name!r}, {len(studies)} in "
+         f"{journal.name}; read-only; Ctrl-C stops it)")
+    signal.signal(signal.SIGTERM, _stop_serving)
+    try:
+        server.serve_forever(poll_interval=0.25)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

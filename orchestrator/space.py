@@ -47,6 +47,15 @@ def milestones_from_unit(u: list[float], space: MilestoneSpace) -> list[float]:
             for i, v in enumerate(sorted(u))]
 
 
+def mean_first_milestone(space: MilestoneSpace) -> float:
+    """The mean first milestone a searched space samples (random search's draws).
+
+    The first of ``count`` sorted uniform draws has mean ``1 / (count + 1)``; it moves
+    over the free room from ``low`` (:func:`milestones_from_unit`).
+    """
+    return space.low + _free(space) / (space.count + 1)
+
+
 def unit_from_milestones(milestones: list[float], space: MilestoneSpace) -> list[float]:
     """The inverse of :func:`milestones_from_unit`, for starting points."""
     free = _free(space)

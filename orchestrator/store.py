@@ -84,3 +84,74 @@ def is_local_store(tracking_uri: str) -> bool:
     """Whether MLflow writes to ``tracking_uri`` run in this process (SQLite, files)."""
     return local_store_path(tracking_uri) is not None or \
         tracking_uri.lower().startswith("sqlite:")  # an in-memory database too
+
+
+# Where MLflow keeps absolute artifact locations: (table, column). A sweep folder's
+# embedded store records them under the folder (its mlartifacts/), so a moved or
+# copied folder needs them re-pointed before MLflow reads or writes an artifact.
+_ARTIFACT_COLUMNS = (
+    ("experiments", "artifact_location"),
+    ("runs", "artifact_uri"),
+    ("logged_models", "artifact_location"),
+    ("model_versions", "source"),
+    ("model_versions", "storage_location"),
+)
+ARTIFACTS_DIR = "mlartifacts"  # a sweep folder's artifact root, beside its mlflow.db
+
+
+class StoreMovedError(RuntimeError):
+    """A moved sweep folder's store records another location and cannot be re-pointed."""
+
+
+def relocate_store(db: Path) -> Path | None:
+    """Re-point a sweep folder's SQLite store at its artifacts after a move; the old folder.
+
+    The store in ``folder/mlflow.db`` keeps absolute artifact locations under
+    ``folder/mlartifacts``. When the experiment's location names another folder (the
+    folder was moved, copied or renamed), every such location in the store is
+    rewritten to this folder, so that nothing of the original is read or written.
+    Idempotent: None when the locations already point here (or the store is not a
+    sweep folder's).
+    """
+    import sqlite3
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    folder = db.resolve().parent
+    con = sqlite3.connect(db)
+    try:
+        tables = {r[0] for r in con.execute("select name from sqlite_master where type='table'")}
+        if "experiments" not in tables:
+            return None
+        roots = set()
+        for (location,) in con.execute("select artifact_location from experiments"):
+            text = str(location or "").rstrip("/")
+            if text.endswith(f"/{ARTIFACTS_DIR}"):
+                path = url2pathname(urlparse(text).path) if text.startswith("file:") else text
+                roots.add(Path(path).parent)
+        old = [r for r in roots if r != folder]
+        if not old:
+            return None
+        pairs = [(prefix(r), prefix(folder)) for r in old for prefix in (Path.as_uri, str)]
+        for table, column in _ARTIFACT_COLUMNS:
+            if table in tables:
+                _rewrite(con, table, column, pairs)
+        con.commit()
+    except sqlite3.OperationalError as err:
+        raise StoreMovedError(
+            f"{db}: this sweep folder was moved (its store names {old[0]}) and the store "
+            f"cannot be updated ({err}); make the folder writable once") from None
+    finally:
+        con.close()
+    return old[0]
+
+
+def _rewrite(con: Any, table: str, column: str, pairs: list[tuple[str, str]]) -> None:
+    """Replace each old prefix by the new one in ``table.column`` (whole path parts only)."""
+    rows = con.execute(f"select rowid, {column} from {table} where {column} is not null").fetchall()
+    for rowid, value in rows:
+        for old, new in pairs:
+            if value == old or value.startswith(old + "/"):
+                con.execute(f"update {table} set {column} = ? where rowid = ?",
+                            (new + value[len(old):], rowid))
+                break

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config import SweepConfig, load_sweep
+from orchestrator.store import StoreMovedError, local_store_path, relocate_store
 
 META_FILE = "wrnsweep.json"
 RUNS_FILE = "mlflow-runs.json"
@@ -86,13 +87,17 @@ class Plan:
 
     @property
     def experiment_path(self) -> str:
+        """Tune's experiment folder: the sweep folder itself when storage is local (under
+        whatever name the folder has now), else ``<storage URI>/<name>``."""
+        if not is_uri(self.storage_path) and Path(self.home).parent == Path(self.storage_path):
+            return self.home
         return f"{self.storage_path.rstrip('/')}/{self.name}"
 
     def save(self) -> None:
         from orchestrator.trust import sign_bytes
 
         Path(self.home).mkdir(parents=True, exist_ok=True)
-        data = (json.dumps(asdict(self), indent=2) + "\n").encode()
+        data = (json.dumps(_portable(asdict(self)), indent=2) + "\n").encode()
         # Signed before it is written: resume trusts where the plan says to connect.
         sign_bytes(self.home, META_FILE, data)
         tmp = Path(self.home) / (META_FILE + ".tmp")
@@ -101,10 +106,56 @@ class Plan:
 
     @classmethod
     def load(cls, home: str | os.PathLike[str]) -> Plan:
+        """The plan of the sweep folder ``home``, wherever the folder is now.
+
+        Paths inside the folder are resolved against its present location, so a
+        folder moved, copied or renamed reads and writes only itself; the folder's
+        own MLflow store is re-pointed at its artifacts (:func:`relocate_store`).
+        """
         path = Path(home) / META_FILE
         if not path.exists():
             raise SweepInputError(f"{home}: not a wrnsweep sweep folder (no {META_FILE})")
-        return cls(**json.loads(path.read_text()))
+        plan = cls(**_located(json.loads(path.read_text()), Path(home).resolve()))
+        store = local_store_path(plan.tracking_uri)
+        if store is not None and store.parent == Path(plan.home) and store.exists():
+            try:
+                relocate_store(store)
+            except StoreMovedError as err:
+                raise SweepInputError(str(err)) from None
+        return plan
+
+
+# Where wrnsweep.json stands for "this folder" and "the folder holding it", and how
+# it names the folder's own SQLite store: paths that stay true when the folder moves.
+_HERE, _PARENT, _LOCAL_STORE = ".", "..", "sqlite:///./mlflow.db"
+
+
+def _portable(fields: dict[str, Any]) -> dict[str, Any]:
+    """The plan as saved: paths inside the sweep folder relative to it."""
+    home = Path(fields["home"])
+    out = dict(fields, home=_HERE)
+    if not is_uri(fields["storage_path"]) and home.parent == Path(fields["storage_path"]):
+        out["storage_path"] = _PARENT
+    if local_store_path(fields["tracking_uri"]) == home / "mlflow.db":
+        out["tracking_uri"] = _LOCAL_STORE
+    return out
+
+
+def _located(fields: dict[str, Any], home: Path) -> dict[str, Any]:
+    """The saved plan resolved at ``home``, the folder's present location.
+
+    Older folders saved absolute paths: those under the folder's former location are
+    mapped to the same place under ``home``.
+    """
+    was = Path(fields["home"])
+    out = dict(fields, home=str(home))
+    storage = fields["storage_path"]
+    if storage == _PARENT or (not is_uri(storage) and was.parent == Path(storage)):
+        out["storage_path"] = str(home.parent)
+    uri = fields["tracking_uri"]
+    if uri == _LOCAL_STORE or (was != Path(_HERE) and local_store_path(uri) == was / "mlflow.db"):
+        out["tracking_uri"] = f"sqlite:///{home / 'mlflow.db'}"
+    return out
 
 
 def make_plan(cfg: SweepConfig, *, sweep_file: str, address: str | None = None,
@@ -183,7 +234,7 @@ def resources_fn(cfg: SweepConfig, *, cluster_has_gpu: bool,
 
 def describe_plan(cfg: SweepConfig, plan: Plan) -> str:
     """The resolved plan as text (``launch --dry-run``)."""
-    from orchestrator.search import asha_rungs, max_epochs, n_startup_trials
+    from orchestrator.search import describe_schedule, n_startup_trials
     from orchestrator.space import describe, grid_points
 
     # What launch will run: --num-samples applied (it sizes TPE's start-up), and a
@@ -211,13 +262,7 @@ def describe_plan(cfg: SweepConfig, plan: Plan) -> str:
                      if name not in constants)
         if constants:
             lines.append("  fixed: " + ", ".join(f"{k}={v}" for k, v in constants.items()))
-    sched = cfg.scheduler
-    if sched.name == "asha":
-        lines.append(f"scheduler: ASHA on epochs, grace {sched.grace_period}, reduction "
-                     f"factor {sched.reduction_factor:g}, rungs at epochs "
-                     f"{asha_rungs(cfg)}, max {max_epochs(cfg)}")
-    else:
-        lines.append(f"scheduler: {sched.name}")
+    lines.extend(describe_schedule(cfg, trials))  # rungs and the most epochs it can spend
     if cfg.search.points_to_evaluate:
         lines.append(f"starting points: {len(cfg.search.points_to_evaluate)}")
     lines += [
@@ -878,7 +923,31 @@ def resume(home: str, *, echo: Echo = print, address: str | None = None,
     # The trainable must be wrapped exactly as at launch (resources, dataset).
     tuner = tune.Tuner.restore(path, trainable=_trainable(cfg, splits, has_gpu, plan),
                                resume_unfinished=True, resume_errored=True)
+    _here_now(tuner, cfg, plan, echo, path)
     return finish(cfg, plan, _run_tuner(tuner, plan), echo=echo)
+
+
+def _here_now(tuner: Any, cfg: SweepConfig, plan: Plan, echo: Echo, path: str) -> None:
+    """Point a restored Tuner's callbacks, searcher and new trials at the folder's place now.
+
+    Tune restores the callbacks and the searcher pickled at launch, and they name
+    the folder, the tracking store and the Optuna journal where the sweep was then:
+    a folder moved since would be written to (or looked for) at the old place. So
+    the callbacks are made again, the searcher is given the folder's journal, and
+    trials Tune adds get the folder's storage (:mod:`orchestrator.relocate`).
+    Under Ray Client the Tuner runs on the cluster, where the folder has not moved.
+    """
+    local = getattr(tuner, "_local_tuner", None)
+    if local is None:
+        return
+    runs_file = next(runs for round_path, runs in _rounds(plan) if round_path == path)
+    from orchestrator.relocate import trials_here
+
+    local.get_run_config().callbacks = _callbacks(cfg, plan, echo, runs_file,
+                                                  prefix=_round_prefix(plan, path))
+    local._tune_config.scheduler = trials_here(local._tune_config.scheduler, path)
+    search_alg = local._tune_config.search_alg
+    getattr(search_alg, "searcher", search_alg).use_journal(journal_path(plan))
 
 
 # -- after the sweep ------------------------------------------------------------------------

@@ -160,7 +160,7 @@ def test_dry_run_prints_the_plan_and_creates_nothing(tmp_path: Path) -> None:
     assert re.search(r"^  dropout +one of 0.0, 0.3$", text, re.M), text
     assert re.search(r"^  depth +one of 8, 14, 20$", text, re.M), text
     assert len(re.findall(r"^  lr +float in \[0.02, 0.2\] \(log\)$", text, re.M)) == 2
-    assert "rungs at epochs [1, 2], max 4" in text
+    assert "rungs at epochs [2], max 4" in text
     assert f"results: {store}/smoke" in text
     assert f"tracking: sqlite:///{store}/smoke/mlflow.db" in text
     assert "registry: top 2 as 'smoke'" in text

@@ -25,6 +25,7 @@ from tests._cluster import (
     trial_progress,
     wait_for,
 )
+from tests._meta import sweep_meta
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = REPO / "tests" / "sweeps"
@@ -42,7 +43,7 @@ def wrnsweep(*args: str, cwd: Path, timeout: float = 900,
 def mlflow_state(home: Path):
     from mlflow import MlflowClient
 
-    meta = json.loads((home / "wrnsweep.json").read_text())
+    meta = sweep_meta(home)
     client = MlflowClient(tracking_uri=meta["tracking_uri"], registry_uri=meta["tracking_uri"])
     runs = client.search_runs(
         [meta["experiment_id"]],

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests._meta import sweep_meta
+
 REPO = Path(__file__).resolve().parents[1]
 TWO_ARCH = REPO / "tests" / "sweeps" / "two_arch.yaml"
 WRNSWEEP = str(Path(sys.executable).with_name("wrnsweep"))
@@ -34,7 +36,7 @@ def study_of(home: Path):
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    meta = json.loads((home / "wrnsweep.json").read_text())
+    meta = sweep_meta(home)
     storage = JournalStorage(JournalFileBackend(str(home / "optuna-journal.jsonl")))
     return optuna.load_study(study_name=meta["name"], storage=storage)
 
@@ -69,7 +71,7 @@ def test_extend_adds_trials_to_the_same_parent_run(extended) -> None:
     from mlflow import MlflowClient
 
     home = extended["home"]
-    meta = json.loads((home / "wrnsweep.json").read_text())
+    meta = sweep_meta(home)
     assert meta["num_samples"] == 5 and meta["extra"]["rounds"] == ["extend-1"]
     client = MlflowClient(tracking_uri=meta["tracking_uri"], registry_uri=meta["tracking_uri"])
     runs = client.search_runs(
@@ -104,7 +106,7 @@ def test_extend_registers_across_rounds_without_duplicates(extended) -> None:
     from mlflow import MlflowClient
 
     home = extended["home"]
-    meta = json.loads((home / "wrnsweep.json").read_text())
+    meta = sweep_meta(home)
     client = MlflowClient(tracking_uri=meta["tracking_uri"], registry_uri=meta["tracking_uri"])
     versions = client.search_model_versions(f"name='{meta['registered_model']}'")
     run_ids = [v.run_id for v in versions]

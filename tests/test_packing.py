@@ -8,7 +8,6 @@ small a share raise CUDA's out-of-memory error, as a real one would.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 from orchestrator.config import parse_sweep
 from orchestrator.packing import AutoResources, GiB, corner_configs, estimate_bytes, is_oom
 from orchestrator.sweep import resources_fn
+from tests._meta import sweep_meta
 
 REPO = Path(__file__).resolve().parents[1]
 WRNSWEEP = str(Path(sys.executable).with_name("wrnsweep"))
@@ -141,7 +141,7 @@ def test_oom_retries_with_the_next_share(tmp_path) -> None:
     [trial] = tune.ExperimentAnalysis(plan.experiment_path).trials
     assert trial.status == "TERMINATED"
     assert trial.placement_group_factory.required_resources["GPU"] == 0.5
-    meta = json.loads((Path(plan.home) / "wrnsweep.json").read_text())
+    meta = sweep_meta(Path(plan.home))
     client = MlflowClient(tracking_uri=meta["tracking_uri"])
     [run] = client.search_runs(
         [meta["experiment_id"]],

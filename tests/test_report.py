@@ -30,6 +30,7 @@ from orchestrator.report import (
     reference_points,
     run_hours,
 )
+from tests._meta import sweep_meta
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP = REPO / "tests" / "sweeps" / "report.yaml"
@@ -59,7 +60,7 @@ def reported(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess[str]]:
 def mlflow_view(home: Path) -> tuple[object, dict, list]:
     from mlflow import MlflowClient
 
-    meta = json.loads((home / "wrnsweep.json").read_text())
+    meta = sweep_meta(home)
     client = MlflowClient(tracking_uri=meta["tracking_uri"])
     runs = client.search_runs(
         [meta["experiment_id"]],

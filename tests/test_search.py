@@ -1,8 +1,9 @@
 """The searcher and scheduler factories against the known Optuna / Ray Tune traps.
 
-Real Optuna and the real (subclassed) ``OptunaSearch``; no Ray cluster: each test
-drives the searcher the way Tune does (``suggest``, ``on_trial_result``,
-``on_trial_complete``). See ``/work/shared/PITFALLS.md`` for the traps.
+Real Optuna and the real (subclassed) ``OptunaSearch``. Most tests drive the
+searcher the way Tune does (``suggest``, ``on_trial_result``, ``on_trial_complete``);
+one (slow) runs a real local Ray Tune with ASHA and reads the saved study back from
+its journal. See ``/work/shared/PITFALLS.md`` for the traps.
 """
 
 from __future__ import annotations
@@ -24,11 +25,18 @@ from ray.tune.search.optuna import OptunaSearch
 
 from orchestrator.config import MilestoneSpace, SweepConfig, load_sweep, parse_sweep
 from orchestrator.search import (
+    JOURNAL_FILE,
+    TRIAL_ATTR,
     HonestOptunaSearch,
+    arch_grace_period,
     asha_rungs,
     create_scheduler,
     create_searcher,
+    default_grace_period,
+    describe_schedule,
+    grace_period,
     n_startup_trials,
+    planned_epochs,
 )
 from orchestrator.space import define_by_run, milestones_from_unit
 from orchestrator.sweep import resources_fn
@@ -250,6 +258,145 @@ def test_stock_optuna_search_records_a_stopped_trial_as_complete() -> None:
     stock.on_trial_result("stopped", _result(0.4, 2, 5))
     stock.on_trial_complete("stopped", _result(0.4, 2, 5))
     assert _state(stock, "stopped").state == TrialState.COMPLETE
+
+
+def test_the_stopping_result_reaches_the_study_through_on_trial_complete() -> None:
+    """Tune's own order: the result on which ASHA stops a trial never reaches
+    ``on_trial_result``, only ``on_trial_complete`` (as the trial's last result). A
+    trial stopped at its first rung still holds its value there; one stopped at
+    epoch 3 holds epochs 1-3; a trial ASHA ends at max_t holds its last epoch too;
+    each study trial names its Tune trial (the MLflow run's tag)."""
+    limiter, searcher, _ = _searcher(_cfg(HONEST))
+    for trial_id in ("first-rung", "third", "to-the-end"):
+        assert limiter.suggest(trial_id) is not None
+
+    limiter.on_trial_complete("first-rung", _result(0.2, 1, 5))
+    for epoch in (1, 2):
+        limiter.on_trial_result("third", _result(0.1 * epoch, epoch, 5))
+    limiter.on_trial_complete("third", _result(0.3, 3, 5))
+    for epoch in range(1, 5):
+        limiter.on_trial_result("to-the-end", _result(0.1 * epoch, epoch, 5))
+    limiter.on_trial_complete("to-the-end", _result(0.8, 5, 5))
+
+    first = _state(searcher, "first-rung")
+    assert (first.state, first.intermediate_values) == (TrialState.PRUNED, {1: 0.2})
+    third = _state(searcher, "third")
+    assert third.state == TrialState.PRUNED
+    assert third.intermediate_values == pytest.approx({1: 0.1, 2: 0.2, 3: 0.3})
+    end = _state(searcher, "to-the-end")
+    assert (end.state, end.value) == (TrialState.COMPLETE, 0.8)
+    assert end.intermediate_values == pytest.approx({1: 0.1, 2: 0.2, 3: 0.3, 4: 0.4, 5: 0.8})
+    assert [_state(searcher, t).user_attrs[TRIAL_ATTR]
+            for t in ("first-rung", "third", "to-the-end")] == ["first-rung", "third",
+                                                                 "to-the-end"]
+
+
+def test_an_epoch_reported_again_is_told_once(recwarn: pytest.WarningsRecorder) -> None:
+    """A trial resumed from a checkpoint reports epochs the study holds, and Tune
+    repeats a finished trial's last result: Optuna keeps the first value, and is not
+    asked again (it would warn for each)."""
+    limiter, searcher, _ = _searcher(_cfg(HONEST))
+    limiter.suggest("t")
+    for epoch in (1, 2, 1, 2, 3):
+        limiter.on_trial_result("t", _result(0.1 * epoch + (0.05 if epoch < 3 else 0), epoch, 5))
+    limiter.on_trial_complete("t", _result(0.3, 3, 5))
+    assert _state(searcher, "t").intermediate_values == pytest.approx({1: 0.15, 2: 0.25,
+                                                                       3: 0.3})
+    assert not [w for w in recwarn if "already reported" in str(w.message)]
+
+
+def _epochs_trainable(config: dict[str, Any]) -> None:
+    """Reports as trainables.trainable does (EpochResult: epoch, total_epochs, val_acc),
+    with a val_acc that rises each epoch towards a level set by the sampled lr."""
+    from ray import tune
+
+    from trainables.result import EpochResult
+
+    total = config["epochs"]
+    level = 1.0 / (1.0 + abs(math.log10(config["wrn.lr"]) + 1.0))  # best at lr = 0.1
+    for epoch in range(1, total + 1):
+        tune.report(EpochResult(epoch=epoch, total_epochs=total,
+                                metrics={"val_acc": level * epoch / total}).report())
+
+
+class _CountingSearch(HonestOptunaSearch):
+    """Counts the results Tune hands ``on_trial_result`` (at module level: Tune pickles it)."""
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self.results_seen[trial_id] = self.results_seen.get(trial_id, 0) + 1
+        super().on_trial_result(trial_id, result)
+
+
+ASHA_STUDY = """\
+name: asha-study
+architectures:
+  wrn: {depth: 10, width: 1}
+recipe:
+  epochs: 6
+  lr: {low: 0.001, high: 10.0, log: true}
+search: {algorithm: random, num_samples: 12, max_concurrent: 1, seed: 0}
+scheduler: {name: asha, grace_period: 1, reduction_factor: 2}
+"""
+
+
+@pytest.mark.slow
+def test_a_trial_stopped_by_asha_at_rung_r_has_its_values_up_to_r_in_the_saved_study(
+        tmp_path: Path) -> None:
+    """A real Tune run with ASHA (rungs at epochs 1, 2, 4 of 6) and the sweep's searcher
+    on a journal; the saved study, opened afresh with Optuna, holds for every trial
+    exactly the values Tune recorded for it, epoch by epoch, up to the epoch it stopped
+    at: pruned trials at a rung (the first rung included), complete ones to the end.
+    Tune itself withheld each stopping result from ``on_trial_result``."""
+    import tempfile
+
+    import ray
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    from ray import tune
+
+    cfg = _cfg(ASHA_STUDY)
+    journal = tmp_path / JOURNAL_FILE
+    limiter, num_samples = create_searcher(cfg, study_name=cfg.name, journal=str(journal))
+    limiter.searcher.__class__ = _CountingSearch
+    limiter.searcher.results_seen = {}
+    # A temp dir of its own (Ray's sockets need a short path; no other Ray shares it).
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False,
+             _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    try:
+        results = tune.Tuner(
+            _epochs_trainable,
+            tune_config=tune.TuneConfig(search_alg=limiter, scheduler=create_scheduler(cfg),
+                                        num_samples=num_samples, metric="val_acc",
+                                        mode="max", reuse_actors=True),
+            run_config=tune.RunConfig(storage_path=str(tmp_path / "runs"), name="asha",
+                                      verbose=0),
+        ).fit()
+    finally:
+        ray.shutdown()
+    assert results.num_errors == 0 and len(results) == 12
+
+    study = optuna.load_study(study_name=cfg.name,
+                              storage=JournalStorage(JournalFileBackend(str(journal))))
+    by_tune_id = {t.user_attrs[TRIAL_ATTR]: t for t in study.trials}
+    assert len(by_tune_id) == len(study.trials) == 12
+    stops = []
+    for result in results:
+        history = result.metrics_dataframe
+        tune_id, last = result.metrics["trial_id"], int(history["epoch"].max())
+        trial = by_tune_id[tune_id]
+        assert list(history["epoch"]) == list(range(1, last + 1))
+        assert trial.intermediate_values == pytest.approx(
+            dict(zip(history["epoch"].astype(int), history["val_acc"], strict=True)))
+        if last < 6:
+            assert trial.state == TrialState.PRUNED and last in (1, 2, 4), (last, trial)
+            assert trial.value == pytest.approx(history["val_acc"].iloc[-1])
+            stops.append(last)
+        else:
+            assert trial.state == TrialState.COMPLETE
+        # Tune's side of it: ASHA stopped every trial (at a rung, or at max_t), and that
+        # result went to on_trial_complete only.
+        assert limiter.searcher.results_seen.get(tune_id, 0) == last - 1
+    assert 1 in stops and any(r > 1 for r in stops), stops  # both kinds of rung
 
 
 # --------------------------------------------------------- 5. starting points
@@ -480,7 +627,7 @@ def test_hyperband_and_fifo() -> None:
 
 def test_asha_rungs_of_shipped_files() -> None:
     """The rungs ``launch --dry-run`` prints for the shipped sweeps."""
-    assert asha_rungs(load_sweep(SPACES / "smoke.yaml")) == [1, 2]
+    assert asha_rungs(load_sweep(SPACES / "smoke.yaml")) == [2]  # grace from the recipe
     assert asha_rungs(load_sweep(SPACES / "wrn.yaml")) == [20, 60, 180]
     assert asha_rungs(load_sweep(SPACES / "resnet.yaml")) == [16, 48, 144]
 
@@ -496,6 +643,81 @@ def test_asha_rungs_match_the_scheduler(grace: int, rf: float, epochs: int) -> N
     sched = create_scheduler(cfg)
     real = sorted(math.ceil(m) for m, _ in sched._brackets[0]._rungs if m < epochs)
     assert asha_rungs(cfg) == real
+
+
+def _grace_cfg(recipe: str, scheduler: str = "{name: asha}", resnet: str = "") -> SweepConfig:
+    return _cfg(f"""\
+name: grace
+architectures:
+  wrn: {{depth: 10}}
+{resnet}recipe: {recipe}
+scheduler: {scheduler}
+""")
+
+
+@pytest.mark.parametrize(("recipe", "expected"), [
+    # the paper's WRN drop at 0.3: epoch 2.4 -> lr drops at the start of epoch 3 (1-based)
+    ("{epochs: 8}", 3),
+    ("{epochs: 200}", 61),  # 60 + 1, below half the epochs
+    ("{epochs: 8, milestones: [0.5, 0.75]}", 4),  # 4 + 1 = 5, capped at half: 4
+    ("{epochs: 8, milestones: [0.1, 0.5]}", 2),  # drop after epoch 1: one epoch after it
+    ("{epochs: 8, milestones: []}", 4),  # no drop: half the epochs
+    ("{epochs: 8, warmup_epochs: 5}", 6),  # never inside the warm-up
+    # searched: the mean first of 2 draws in [0.2, 0.9] 0.1 apart is 0.4: epoch 3.2
+    ("{epochs: 8, milestones: {count: 2, low: 0.2, high: 0.9, min_gap: 0.1}}", 4),
+    ("{epochs: 1}", 1),
+    ("{epochs: 2}", 1),
+])
+def test_default_grace_period_follows_the_first_lr_drop(recipe: str, expected: int) -> None:
+    """One epoch after the first lr drop, at most half the epochs, never in the warm-up."""
+    cfg = _grace_cfg(recipe)
+    assert arch_grace_period(cfg, "wrn") == default_grace_period(cfg) == expected
+    assert grace_period(cfg) == expected
+    assert create_scheduler(cfg)._brackets[0]._rungs[-1][0] == expected  # the first rung
+
+
+def test_default_grace_period_lands_just_after_the_drop() -> None:
+    """The grace is the first epoch trained at the lowered lr: the engine's own lr_at
+    drops at the start of 0-based epoch grace - 1."""
+    from trainables.engine import lr_at
+
+    for epochs in (4, 8, 10, 30, 200):
+        cfg = _grace_cfg(f"{{epochs: {epochs}}}")
+        grace = grace_period(cfg)
+        train = TrainConfig(arch="wrn", model={"depth": 10}, epochs=epochs)
+        first_drop = next(e for e in range(epochs) if lr_at(e, train) < train.lr)
+        assert grace == min(first_drop + 1, math.ceil(epochs / 2)), epochs
+
+
+def test_sweep_file_grace_wins_and_architectures_share_the_earliest() -> None:
+    """An explicit grace_period (even 1) is kept; the default is the earliest
+    architecture's (one rung serves all of them); an empty section is the default."""
+    assert grace_period(_grace_cfg("{epochs: 8}", "{name: asha, grace_period: 1}")) == 1
+    assert grace_period(_grace_cfg("{epochs: 8}", "{}")) == 3
+    both = _grace_cfg("{epochs: 8}", resnet="  resnet: {depth: 8, recipe: {epochs: 30}}\n")
+    assert {a: arch_grace_period(both, a) for a in both.arch_names()} == {"wrn": 3,
+                                                                          "resnet": 15}
+    assert grace_period(both) == 3
+    assert asha_rungs(both) == [3, 9, 27]
+
+
+def test_dry_run_schedule_lines_give_the_rungs_and_the_epochs() -> None:
+    """describe_schedule: ASHA's rungs and where its grace comes from, and the most
+    epochs the plan can spend (every trial to the end) beside a full rung's spend."""
+    cfg = _grace_cfg("{epochs: 8, milestones: {count: 2, low: 0.2, high: 0.9}}")
+    lines = describe_schedule(cfg, 16)
+    assert lines[0].startswith("scheduler: ASHA on epochs, grace 4 (from the recipe")
+    assert "rungs at epochs [4], max 8" in lines[0]
+    # 16 x 4 epochs to the rung, then a third of them 4 more.
+    assert planned_epochs(cfg, 16) == (128, pytest.approx(16 * 4 + 16 / 3 * 4))
+    assert lines[1] == ("epochs: at most 128 (16 trials x 8, if ASHA passes every trial on); "
+                        "about 85 when each rung passes 1/3 on")
+    explicit = _grace_cfg("{epochs: 8}", "{name: asha, grace_period: 1, reduction_factor: 2}")
+    assert "grace 1 (the sweep file's)" in describe_schedule(explicit, 4)[0]
+    assert planned_epochs(explicit, 4) == (32, pytest.approx(4 * (1 + 1 / 2 + 2 / 4 + 4 / 8)))
+    fifo = _grace_cfg("{epochs: 8}", "{name: fifo}")
+    assert describe_schedule(fifo, 16) == ["scheduler: fifo",
+                                           "epochs: at most 128 (16 trials x 8)"]
 
 
 # ---------------------------------------------------------------- 10. resources

@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 import torch
 
+from tests._meta import sweep_meta
+
 REPO = Path(__file__).resolve().parents[1]
 TWO_ARCH = REPO / "tests" / "sweeps" / "two_arch.yaml"
 WRNSWEEP = str(Path(sys.executable).with_name("wrnsweep"))
@@ -36,7 +38,7 @@ def wrnsweep(*args: str, cwd: Path, timeout: float = 600,
 def client_for(home: Path):
     from mlflow import MlflowClient
 
-    meta = json.loads((home / "wrnsweep.json").read_text())
+    meta = sweep_meta(home)
     uri = meta["tracking_uri"]
     return MlflowClient(tracking_uri=uri, registry_uri=uri), meta
 
@@ -163,6 +165,76 @@ def test_export_of_the_champion_folds_and_checks(finished_sweep) -> None:
     missing = wrnsweep("export", "models:/e2e@nope", "--out", str(out),
                        "--tracking-uri", meta["tracking_uri"], cwd=home)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
+
+
+def test_a_moved_and_copied_sweep_folder_is_its_own(finished_sweep, tmp_path: Path) -> None:
+    """A sweep folder moved (and renamed), then copied elsewhere with the moved one
+    deleted: best, report, ui, export and extend on the copy read and write only the
+    copy; neither earlier location is created again."""
+    import shutil
+    import urllib.request
+
+    from tests._cluster import free_port, wait_for
+
+    original = tmp_path / "cluster" / "e2e"
+    shutil.copytree(finished_sweep[0], original, symlinks=True)
+    moved = tmp_path / "laptop" / "e2e-moved"
+    moved.parent.mkdir()
+    original.rename(moved)
+    copy = tmp_path / "archive" / "paper-sweep"
+    shutil.copytree(moved, copy, symlinks=True)
+    shutil.rmtree(moved)
+    work = tmp_path / "work"
+    work.mkdir()
+
+    board = wrnsweep("best", str(copy), "--json", cwd=work)
+    assert board.returncode == 0, board.stderr
+    assert len(json.loads(board.stdout)) == 5
+    client, meta = client_for(copy)
+    assert meta["home"] == str(copy) and meta["tracking_uri"] == f"sqlite:///{copy}/mlflow.db"
+    assert client.get_experiment(meta["experiment_id"]).artifact_location == (
+        (copy / "mlartifacts").as_uri())
+
+    report = wrnsweep("report", str(copy), cwd=work)
+    assert report.returncode == 0, report.stderr
+    logged = {a.path for a in client.list_artifacts(meta["parent_run_id"], "report")}
+    assert "report/report.html" in logged
+    assert list((copy / "mlartifacts").rglob("report.html"))  # in the copy's own store
+
+    champion = work / "champion.onnx"
+    exported = wrnsweep("export", "models:/e2e@champion", "--out", str(champion),
+                        "--tracking-uri", f"sqlite:///{copy}/mlflow.db", cwd=work)
+    assert exported.returncode == 0, exported.stderr
+    assert champion.stat().st_size > 0
+
+    port = free_port()
+    with (work / "ui.log").open("w") as log:
+        ui = subprocess.Popen([WRNSWEEP, "ui", str(copy), "--port", str(port)], cwd=work,
+                              stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, "RAY_ADDRESS": ""})
+    try:
+        api = f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow"
+
+        def listed() -> bool:
+            assert ui.poll() is None, (work / "ui.log").read_text()[-2000:]
+            try:
+                with urllib.request.urlopen(f"{api}/artifacts/list?run_id="
+                                            f"{meta['parent_run_id']}&path=report",
+                                            timeout=5) as response:
+                    return "report/report.html" in response.read().decode()
+            except OSError:
+                return False
+
+        wait_for(listed, 120, "the UI's REST API to list the report's artifacts")
+    finally:
+        ui.send_signal(signal.SIGINT)
+        ui.wait(timeout=60)
+
+    extended = wrnsweep("extend", str(copy), "--num-samples", "1", cwd=work)
+    assert extended.returncode == 0, extended.stdout[-2000:] + extended.stderr[-2000:]
+    assert len(child_runs(client, meta)) == 6
+    assert (copy / "extend-1").is_dir()
+    assert not original.exists() and not moved.exists()
 
 
 def test_launching_the_same_sweep_again_is_refused(finished_sweep) -> None:
@@ -294,7 +366,8 @@ def _assert_resumes_to_completion(home: Path) -> None:
 
 def test_ctrl_c_saves_the_sweep_for_resume_without_finishing_it(tmp_path: Path) -> None:
     """Ctrl-C (SIGINT to the terminal's process group): exit 130 with the resume command,
-    no traceback, nothing registered, runs left RUNNING; `resume` then completes it."""
+    no traceback, nothing registered, runs left RUNNING; `resume` then completes it,
+    in the folder moved to another place under another name."""
     out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     with out.open("w") as stdout_file, err.open("w") as stderr_file:
         driver = subprocess.Popen(
@@ -321,4 +394,9 @@ def test_ctrl_c_saves_the_sweep_for_resume_without_finishing_it(tmp_path: Path) 
     home = tmp_path / "runs" / "e2e"
     client, meta = client_for(home)
     assert not client.search_registered_models(f"name = '{meta['registered_model']}'")
-    _assert_resumes_to_completion(home)
+    # The interrupted folder moves (renamed) before it is resumed: it resumes there.
+    moved = tmp_path / "elsewhere" / "e2e-interrupted"
+    moved.parent.mkdir()
+    home.rename(moved)
+    _assert_resumes_to_completion(moved)
+    assert not home.exists()

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from tests._cluster import env, free_port, trial_progress, wait_for
+from tests._meta import sweep_meta
 
 REPO = Path(__file__).resolve().parents[1]
 WRNSWEEP = str(Path(sys.executable).with_name("wrnsweep"))
@@ -93,7 +94,7 @@ def test_sweep_survives_a_tracking_outage_and_loses_nothing(tmp_path: Path, serv
 
     from mlflow import MlflowClient
 
-    meta = json.loads((tmp_path / "runs" / "faults" / "wrnsweep.json").read_text())
+    meta = sweep_meta(tmp_path / "runs" / "faults")
     client = MlflowClient(tracking_uri=server.uri, registry_uri=server.uri)
     runs = client.search_runs(
         [meta["experiment_id"]],

@@ -293,7 +293,7 @@ def test_searcher_restores_from_its_journal_and_continues_the_same_study(tmp_pat
     restored.suggest("e")
     trials = _study(journal).trials
     assert trials[2].state == TrialState.COMPLETE and trials[2].value == 0.5
-    assert trials[2].intermediate_values == {1: 0.3, 2: 0.35}
+    assert trials[2].intermediate_values == {1: 0.3, 2: 0.35, 3: 0.5}
     assert [t.number for t in trials] == [0, 1, 2, 3, 4]
     assert trials[4].state == TrialState.RUNNING
 

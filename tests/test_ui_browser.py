@@ -35,6 +35,7 @@ import pytest
 
 from orchestrator.ui import experiment_url
 from tests._cluster import env, free_port, wait_for
+from tests._meta import sweep_meta
 
 REPO = Path(__file__).resolve().parents[1]
 UI_SWEEP = REPO / "tests" / "sweeps" / "ui.yaml"
@@ -146,7 +147,7 @@ def tracked(home: Path) -> TrackedSweep:
     """The sweep's trial runs as MlflowClient reads them (what the UI must show)."""
     from mlflow import MlflowClient
 
-    meta = json.loads((home / "wrnsweep.json").read_text())
+    meta = sweep_meta(home)
     client = MlflowClient(tracking_uri=meta["tracking_uri"])
     runs = client.search_runs(
         [meta["experiment_id"]],

@@ -169,13 +169,7 @@ class Family:
         ``None`` means "the default". Raises ``ValueError`` for a name the family
         does not take or a value its rule refuses.
         """
-        given = {k: v for k, v in values.items() if v is not None}
-        unknown = sorted(set(given) - set(self.hparam_names))
-        if unknown:
-            raise ValueError(
-                f"{self.name} takes hyperparameters {list(self.hparam_names)}, "
-                f"got unexpected {unknown}"
-            )
+        given = self._given(values)
         out = {**self.defaults(), **given}
         for h in self.hparams:
             h.check(out[h.name])
@@ -183,6 +177,11 @@ class Family:
 
     def check(self, values: Mapping[str, Any]) -> None:
         """Check only the given hyperparameters (a validator checks one key at a time)."""
+        for name, value in self._given(values).items():
+            self.hparam(name).check(value)
+
+    def _given(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """The values that are not None; ValueError for a name the family does not take."""
         given = {k: v for k, v in values.items() if v is not None}
         unknown = sorted(set(given) - set(self.hparam_names))
         if unknown:
@@ -190,8 +189,7 @@ class Family:
                 f"{self.name} takes hyperparameters {list(self.hparam_names)}, "
                 f"got unexpected {unknown}"
             )
-        for name, value in given.items():
-            self.hparam(name).check(value)
+        return given
 
     def network_module(self) -> Any:
         """The module with ``build`` (and ``fold``): imports torch."""
