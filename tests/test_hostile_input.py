@@ -20,9 +20,9 @@ validator's.
 
 from __future__ import annotations
 
+import json
 import os
 import re
-import resource
 import subprocess
 import sys
 import time
@@ -290,47 +290,53 @@ class Ran:
     max_rss_mb: float
 
 
-def _limit_memory() -> None:  # runs in the child, before exec
-    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
+# Runs one command as its only child and reports that child's own peak RSS. On Linux a
+# child's ru_maxrss starts from the RSS of the process it was forked from (the kernel
+# carries the pre-exec memory into it), so a command forked straight from this pytest
+# process (hundreds of MB once torch and MLflow are imported by other tests) would
+# report pytest's size; forked from this small launcher, it reports its own.
+LAUNCHER = r"""
+import json, os, resource, sys
+limit, out, err, *cmd = sys.argv[1:]
+pid = os.fork()
+if pid == 0:
+    resource.setrlimit(resource.RLIMIT_AS, (int(limit), int(limit)))
+    for fd, path in ((1, out), (2, err)):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+    os.execv(cmd[0], cmd)
+_, status, usage = os.wait4(pid, 0)
+print(json.dumps({"code": os.waitstatus_to_exitcode(status), "maxrss": usage.ru_maxrss}))
+"""
 
 
 def _run_together(commands: list[list[str]], cwd: Path, env: dict[str, str]) -> Iterator[Ran]:
-    """Run ``wrnsweep ARGS`` for each command at once; each child's own peak RSS via wait4."""
+    """Run ``wrnsweep ARGS`` for each command at once, each under a memory limit, with its
+    own peak RSS (measured by :data:`LAUNCHER`)."""
     started = []
     for i, args in enumerate(commands):
         out, err = cwd.parent / f"out{i}", cwd.parent / f"err{i}"
-        with out.open("w") as fout, err.open("w") as ferr:
-            proc = subprocess.Popen(
-                [str(WRNSWEEP), *args],
-                cwd=cwd,
-                env=env,
-                stdout=fout,
-                stderr=ferr,
-                preexec_fn=_limit_memory,  # safe: no threads start between fork and exec here
-            )
+        launcher = [sys.executable, "-S", "-c", LAUNCHER, str(ADDRESS_SPACE), str(out),
+                    str(err), str(WRNSWEEP), *args]
+        proc = subprocess.Popen(launcher, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                text=True)
         started.append((args, proc, out, err, time.monotonic()))
     # ru_maxrss is KiB on Linux, bytes on macOS.
     per_mb = 2**20 if sys.platform == "darwin" else 2**10
     for args, proc, out, err, start in started:
-        deadline = start + PROCESS_TIMEOUT
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
-                proc.kill()
-                os.wait4(proc.pid, 0)
-                proc.returncode = -9
-                pytest.fail(f"{args} ran past {PROCESS_TIMEOUT} s")
-            time.sleep(0.01)
-        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+        try:
+            report, _ = proc.communicate(timeout=PROCESS_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            pytest.fail(f"{args} ran past {PROCESS_TIMEOUT} s")
+        measured = json.loads(report.strip().splitlines()[-1])
         yield Ran(
             args,
-            proc.returncode,
+            measured["code"],
             out.read_text(errors="replace"),
             err.read_text(errors="replace"),
             time.monotonic() - start,
-            usage.ru_maxrss / per_mb,
+            measured["maxrss"] / per_mb,
         )
 
 
