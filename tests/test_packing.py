@@ -128,7 +128,7 @@ def test_oom_retries_with_the_next_share(tmp_path) -> None:
     cfg = load_sweep(sweep)
     plan = make_plan(cfg, sweep_file=str(sweep), storage=str(tmp_path / "runs"))
     lines: list[str] = []
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False,
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False,
              runtime_env={"env_vars": {"WRNSWEEP_OOM_BELOW_SHARE": "0.5"}})
     try:
         summary = launch(cfg, plan, echo=lines.append)
