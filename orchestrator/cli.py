@@ -281,7 +281,8 @@ def _tracking_errors(*, missing_is_input: bool = False) -> Iterator[None]:
     named on the command line) is bad input too. MLflow's HTTP retries are turned off
     first (as for a sweep): an unreachable server fails in seconds, not minutes.
     """
-    from orchestrator.sweep import SweepInputError, tracking_env
+    from orchestrator.store import tracking_env
+    from orchestrator.sweep import SweepInputError
 
     tracking_env()
     try:
@@ -304,8 +305,17 @@ def _tracking_errors(*, missing_is_input: bool = False) -> Iterator[None]:
         raise click.ClickException(first) from None
 
 
+def _address_form(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    from orchestrator.config.targets import address_problem
+
+    problem = value and address_problem(value)
+    if problem:
+        raise InvalidInput(f"--address: {problem}")
+    return value
+
+
 address_option = click.option(
-    "--address", default=None,
+    "--address", default=None, callback=_address_form,
     help="Ray cluster to join: auto, HOST:6379 or ray://HOST:10001 [default: start a local "
          "Ray, or join RAY_ADDRESS when it names a cluster].")
 tracking_option = click.option(
@@ -314,15 +324,24 @@ tracking_option = click.option(
          "env MLFLOW_TRACKING_URI].")
 
 
+def _refused(problems: list[str]) -> str:
+    return "a launch would be refused:\n" + "\n".join(problems) if len(problems) > 1 \
+        else problems[0]
+
+
 @main.command()
 @click.argument("sweep_files", nargs=-1, required=True, type=click.Path(dir_okay=False))
-def validate(sweep_files: tuple[str, ...]) -> None:
+@address_option
+def validate(sweep_files: tuple[str, ...], address: str | None) -> None:
     """Check sweep files without starting anything (exit 2 with FILE:LINE: key: message).
 
     Every file is checked and every problem printed; the exit code is 2 if any
-    file is bad.
+    file is bad. Beyond the file itself, what a launch from here would refuse
+    (see orchestrator/preflight.py): with no cluster to join (no --address,
+    ray.address or RAY_ADDRESS) every trial must fit this machine.
     """
     from orchestrator.config import ConfigError, load_sweep
+    from orchestrator.preflight import preflight
 
     bad = 0
     for sweep_file in sweep_files:
@@ -330,6 +349,11 @@ def validate(sweep_files: tuple[str, ...]) -> None:
             cfg = load_sweep(sweep_file)
         except ConfigError as err:
             click.echo(f"Error: invalid sweep file\n{err}", err=True)
+            bad += 1
+            continue
+        problems = preflight(cfg, address=address)
+        if problems:
+            click.echo(f"Error: {_refused(problems)}", err=True)
             bad += 1
             continue
         click.echo(f"{sweep_file}: ok ({', '.join(cfg.arch_names())}; "
@@ -354,12 +378,18 @@ def launch(sweep_file: str, address: str | None, storage: str | None,
            tracking_uri: str | None, num_samples: int | None, name: str | None,
            dry_run: bool) -> None:
     """Run the sweep in SWEEP_FILE: Optuna + scheduler on Ray Tune, tracked in MLflow."""
+    from orchestrator.preflight import preflight
     from orchestrator.sweep import describe_plan, make_plan
     from orchestrator.sweep import launch as run_launch
 
     cfg = _load_sweep_or_exit(sweep_file)
     plan = _run_sweep(make_plan, cfg, sweep_file=sweep_file, address=address, storage=storage,
                       tracking_uri=tracking_uri, num_samples=num_samples, name=name)
+    # What the launch would refuse once Ray runs, refused before: dry run or not.
+    problems = preflight(cfg, address=address, storage=storage, tracking_uri=tracking_uri,
+                         tracking_from_env=_from_environment("tracking_uri"))
+    if problems:
+        raise InvalidInput(_refused(problems))
     if dry_run:
         click.echo(describe_plan(cfg, plan))
         return

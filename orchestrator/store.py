@@ -80,6 +80,16 @@ def ensure_experiment(client: Any, name: str, artifact_location: str | None) -> 
     return client.create_experiment(name, artifact_location=artifact_location)
 
 
+def tracking_env() -> None:
+    """Fail fast on an unreachable server: BufferedWriter retries without blocking Tune.
+
+    MLflow's own HTTP retries (7 with back-off, 120 s timeout) would stall the
+    driver's event loop, and with it every trial's results, for minutes.
+    """
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
 def is_local_store(tracking_uri: str) -> bool:
     """Whether MLflow writes to ``tracking_uri`` run in this process (SQLite, files)."""
     return local_store_path(tracking_uri) is not None or \

@@ -35,7 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config import SweepConfig, load_sweep
-from orchestrator.store import StoreMovedError, local_store_path, relocate_store
+from orchestrator.preflight import probe_tracking
+from orchestrator.store import (
+    StoreMovedError,
+    local_store_path,
+    relocate_store,
+    tracking_env,
+)
 
 META_FILE = "wrnsweep.json"
 RUNS_FILE = "mlflow-runs.json"
@@ -443,36 +449,6 @@ def _trainable(cfg: SweepConfig, splits: Any, has_gpu: bool, plan: Plan,
         cfg, cluster_has_gpu=has_gpu, gpu_memory_bytes=plan.extra.get("gpu_memory_bytes")))
 
 
-def tracking_env() -> None:
-    """Fail fast on an unreachable server: BufferedWriter retries without blocking Tune.
-
-    MLflow's own HTTP retries (7 with back-off, 120 s timeout) would stall the
-    driver's event loop, and with it every trial's results, for minutes.
-    """
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-
-
-def _probe_tracking(tracking_uri: str) -> None:
-    """Refuse a tracking server that cannot be reached, before Ray starts or a file is written.
-
-    A local store (the default SQLite in the sweep folder) is created by the launch;
-    a server is asked for one experiment, without MLflow's retries (seconds, not minutes).
-    """
-    from mlflow.exceptions import MlflowException
-
-    from orchestrator.tracking import error_line, is_local_store, mlflow_client
-
-    if is_local_store(tracking_uri):
-        return
-    tracking_env()
-    try:
-        mlflow_client(tracking_uri).search_experiments(max_results=1)
-    except MlflowException as err:
-        raise SweepInputError(f"cannot use the tracking store {tracking_uri}: "
-                              f"{error_line(err)}") from None
-
-
 def _start_tracking(cfg: SweepConfig, plan: Plan) -> None:
     from orchestrator.tracking import SWEEP_TAG, ensure_experiment, git_commit, mlflow_client
 
@@ -551,7 +527,9 @@ def launch(cfg: SweepConfig, plan: Plan, *, echo: Echo = print,
     searcher, num_samples = create_searcher(cfg, study_name=plan.name,
                                             journal=journal_path(plan))
     plan.num_samples = num_samples
-    _probe_tracking(plan.tracking_uri)
+    unreachable = probe_tracking(plan.tracking_uri)
+    if unreachable:
+        raise SweepInputError(unreachable)
     _start_ray(plan.address)
     has_gpu = _check_cluster(cfg, plan)
     for key in ("fit_warning", "tracking_note"):

@@ -46,6 +46,9 @@ def _env(tmp_path: Path) -> dict[str, str]:
     # Ray puts every session it starts under $RAY_TMPDIR/ray: if this folder appears,
     # a command started Ray.
     env["RAY_TMPDIR"] = str(tmp_path / "raytmp")
+    # No GPU visible (as Ray counts them), so that what fits "this machine" is the
+    # same on a GPU machine as on CI's.
+    env["CUDA_VISIBLE_DEVICES"] = ""
     return env
 
 
@@ -77,17 +80,27 @@ def _ray_started(tmp_path: Path) -> bool:
 
 
 def test_validate_accepts_every_shipped_file(tmp_path: Path) -> None:
-    """``wrnsweep validate`` exits 0 with "ok" for every file in search_spaces/."""
+    """``wrnsweep validate --address auto`` (for a cluster) exits 0 with "ok" for every file
+    in search_spaces/; without an address it checks a launch on this machine: smoke.yaml
+    fits, the GPU sweeps are refused at their resources line (the CLI tests see no GPU)."""
     assert SHIPPED
-    for ran in _cli_many(tmp_path, *[["validate", str(p.relative_to(ROOT))] for p in SHIPPED]):
-        assert ran.returncode == 0, (ran.args, ran.stderr)
-        assert ": ok (" in ran.stdout, ran.stdout
+    commands = [["validate", str(p.relative_to(ROOT)), "--address", "auto"] for p in SHIPPED]
+    commands += [["validate", str(p.relative_to(ROOT))] for p in SHIPPED]
+    for ran in _cli_many(tmp_path, *commands):
+        if ran.args[-1] == "auto" or ran.args[1].endswith("smoke.yaml"):
+            assert ran.returncode == 0, (ran.args, ran.stderr)
+            assert ": ok (" in ran.stdout, ran.stdout
+        else:
+            assert ran.returncode == 2, (ran.args, ran.stdout)
+            assert re.search(rf"^(Error: )?{ran.args[1]}:\d+: resources\.\w+: this machine "
+                             r"cannot run a \w+ trial \(cpu=\d+, gpu=[\d.]+\): it has",
+                             ran.stderr, re.M), ran.stderr
     assert not _ray_started(tmp_path)
 
 
 def test_validate_checks_every_file_it_is_given(tmp_path: Path) -> None:
     """``wrnsweep validate A B C``: each file checked, every problem printed, exit 2 if any."""
-    good = str(SHIPPED[0].relative_to(ROOT))
+    good = "search_spaces/smoke.yaml"
     bad = sorted((ROOT / "tests" / "bad_sweeps").glob("*.yaml"))[:2]
     ran = _cli(tmp_path, "validate", good, *(str(p.relative_to(ROOT)) for p in bad))
     assert ran.returncode == 2, ran.stderr
@@ -95,7 +108,8 @@ def test_validate_checks_every_file_it_is_given(tmp_path: Path) -> None:
     for path in bad:
         assert f"{path.relative_to(ROOT)}:" in ran.stderr
     assert "2 of 3 sweep files are invalid" in ran.stderr and "Traceback" not in ran.stderr
-    everything = _cli(tmp_path, "validate", *(str(p.relative_to(ROOT)) for p in SHIPPED))
+    everything = _cli(tmp_path, "validate", "--address", "auto",
+                      *(str(p.relative_to(ROOT)) for p in SHIPPED))
     assert everything.returncode == 0 and everything.stdout.count(": ok (") == len(SHIPPED)
 
 

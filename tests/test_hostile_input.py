@@ -94,6 +94,14 @@ HOSTILE = (
     "line_break_in_key",
     "milestones_scalar",
     "choices_null",
+    "address_malformed",
+    "address_jobs_url",
+    "address_port_out_of_range",
+    "tracking_uri_unknown_scheme",
+    "tracking_uri_no_host",
+    "tracking_uri_bad_port",
+    "tracking_uri_sqlite_two_slashes",
+    "storage_uri_malformed",
 )
 
 # Peak resident memory allowed to one `wrnsweep` run (it needs ~35 MB), and the
@@ -362,3 +370,91 @@ def test_validate_and_dry_run_exit_2_small_located_and_start_nothing(
     assert not store.exists()
     assert not ray_tmp.exists()
     assert list(cwd.iterdir()) == []  # no runs/, no mlflow.db, no file made by a YAML tag
+
+
+# ------------------------------------------------- what a launch would refuse, refused early
+
+# Fits no machine: a trial of 100,000 CPUs (and no cluster to autoscale into).
+TOO_BIG = """name: huge
+dataset: {name: synthetic, synthetic_size: 64}
+architectures:
+  resnet:
+    depth: 8
+resources:
+  resnet: {cpu: 100000, gpu: 0}
+"""
+SMALL = TOO_BIG.replace("cpu: 100000", "cpu: 1")
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_validate_and_dry_run_refuse_what_a_launch_here_refuses(tmp_path: Path) -> None:
+    """Trial resources beyond this machine (no address), a tracking URI MLflow cannot use or
+    reach, storage that is a file or under one, a malformed --address or RAY_ADDRESS: exit 2,
+    one line naming the option, variable or FILE:LINE: key, no traceback, nothing written;
+    the same file with a cluster address (checked at launch, where it may autoscale) is ok."""
+    cwd, ray_tmp = tmp_path / "cwd", tmp_path / "raytmp"
+    cwd.mkdir()
+    huge, small = tmp_path / "huge.yaml", tmp_path / "small.yaml"
+    huge.write_text(TOO_BIG)
+    small.write_text(SMALL)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder\n")
+    store = str(tmp_path / "store")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env["RAY_TMPDIR"] = str(ray_tmp)
+    dry = ["launch", str(small), "--dry-run", "--storage", store]
+    refused = {
+        "validate huge": (["validate", str(huge)],
+                          f"{huge}:7: resources.resnet: this machine cannot run a resnet trial "
+                          "(cpu=100000, gpu=0)"),
+        "dry-run huge": (["launch", str(huge), "--dry-run", "--storage", store],
+                         f"{huge}:7: resources.resnet: this machine cannot run"),
+        "scheme": ([*dry, "--tracking-uri", "htp://mlflow:5000"],
+                   "--tracking-uri: MLflow has no tracking store for 'htp://'"),
+        "unreachable": ([*dry, "--tracking-uri", f"http://127.0.0.1:{_closed_port()}"],
+                        "--tracking-uri: cannot use the tracking store http://127.0.0.1:"),
+        "store under a file": ([*dry, "--tracking-uri", f"sqlite:///{a_file}/mlflow.db"],
+                               f"--tracking-uri: cannot create the store {a_file}/mlflow.db"),
+        "storage is a file": (["launch", str(small), "--dry-run", "--storage", str(a_file)],
+                              f"--storage: {a_file} is a file, not a folder"),
+        "storage under a file": (["launch", str(small), "--dry-run", "--storage",
+                                  str(a_file / "runs")],
+                                 f"--storage: cannot create {a_file}/runs: {a_file} is a file"),
+        "address": ([*dry, "--address", "head-node"],
+                    "--address: expected auto, local, HOST:PORT or ray://HOST:PORT, "
+                    "got 'head-node'"),
+        "validate address": (["validate", str(small), "--address", "ray://head:0x10"],
+                             "--address: expected auto"),
+        "resume address": (["resume", str(tmp_path / "nowhere"), "--address", "ray://"],
+                           "--address: expected auto"),
+    }
+    for ran, (_, want) in zip(_run_together([args for args, _ in refused.values()], cwd, env),
+                              refused.values(), strict=True):
+        assert ran.returncode == 2, (ran.args, ran.stdout, ran.stderr[-2000:])
+        assert ran.stderr.splitlines() == [f"Error: {ran.stderr[7:].strip()}"], ran.stderr
+        assert ran.stderr.startswith(f"Error: {want}"), (ran.args, ran.stderr)
+        assert ran.stdout == "", ran.stdout
+
+    from_env = {**env, "RAY_ADDRESS": "not an address", "MLFLOW_TRACKING_URI": "mlfow://x"}
+    ran, = _run_together([["launch", str(small), "--dry-run", "--storage", store]], cwd,
+                         from_env)
+    assert ran.returncode == 2 and "Traceback" not in ran.stderr, ran.stderr
+    assert ran.stderr.splitlines() == [
+        "Error: a launch would be refused:",
+        "RAY_ADDRESS: expected auto, local, HOST:PORT or ray://HOST:PORT, got 'not an address'",
+        "MLFLOW_TRACKING_URI: MLflow has no tracking store for 'mlfow://' (known: databricks, "
+        "databricks-uc, file, http, https, mssql, mysql, postgresql, sqlite, uc)"], ran.stderr
+
+    fine = [["validate", str(huge), "--address", "auto"], ["validate", str(small)],
+            ["launch", str(small), "--dry-run", "--storage", store]]
+    for ran in _run_together(fine, cwd, env):
+        assert ran.returncode == 0, (ran.args, ran.stderr[-2000:])
+    assert not Path(store).exists() and not ray_tmp.exists()
+    assert list(cwd.iterdir()) == [] and a_file.read_text() == "not a folder\n"

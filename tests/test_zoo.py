@@ -244,7 +244,7 @@ def test_validate_imports_no_torch() -> None:
     code = textwrap.dedent(f"""
         import json, sys
         from orchestrator.cli import main
-        sys.argv = ["wrnsweep", "validate", *{files!r}]
+        sys.argv = ["wrnsweep", "validate", "--address", "auto", *{files!r}]
         try:
             main()
         except SystemExit as done:

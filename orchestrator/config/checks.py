@@ -51,6 +51,7 @@ from orchestrator.config.schema import (
     IntChoices,
     IntRange,
     MilestoneSearch,
+    RaySpec,
     RecipeSpec,
     ResourceSpec,
     SchedulerSpec,
@@ -62,6 +63,7 @@ from orchestrator.config.schema import (
     _merge_recipes,
     _param_sources,
 )
+from orchestrator.config.targets import address_problem, storage_problem, tracking_uri_problem
 from orchestrator.config.yaml_lines import _line_of
 from trainables.config import RECIPE_BOUNDS
 from trainables.models import check_hparams
@@ -168,6 +170,7 @@ class _Sections:
     scheduler: SchedulerSpec | None
     resources: dict[str, Any] | None
     tracking: TrackingSpec | None
+    ray: RaySpec | None
 
     @classmethod
     def of(cls, cfg: SweepConfig) -> _Sections:
@@ -183,6 +186,7 @@ class _Sections:
             scheduler=cfg.scheduler,
             resources=dict(cfg.resources),
             tracking=cfg.tracking,
+            ray=cfg.ray,
         )
 
 
@@ -227,6 +231,7 @@ def _sections_alone(data: dict[str, Any]) -> _Sections:
         scheduler=values["scheduler"],
         resources=values["resources"],
         tracking=values["tracking"],
+        ray=values["ray"],
     )
 
 
@@ -277,6 +282,20 @@ def _check_meaning(ck: _Checker, s: _Sections) -> None:
             "tracking.top_k",
             f"must be >= 1 (models registered after the sweep), got {s.tracking.top_k}",
         )
+    _check_targets(ck, s)
+
+
+def _check_targets(ck: _Checker, s: _Sections) -> None:
+    """The forms of ``ray.address``, ``ray.storage_path`` and ``tracking.uri``."""
+    found = [
+        ("ray.address", s.ray and s.ray.address, address_problem),
+        ("ray.storage_path", s.ray and s.ray.storage_path, storage_problem),
+        ("tracking.uri", s.tracking and s.tracking.uri, tracking_uri_problem),
+    ]
+    for key, value, rule in found:
+        problem = rule(value) if value is not None else None
+        if problem:
+            ck.add(key, problem)
 
 
 def _check_form(ck: _Checker, key: str, spec: Any) -> bool:
@@ -711,7 +730,7 @@ def _check_resources(ck: _Checker, resources: dict[str, Any]) -> None:
 
 
 def check_cluster_fits(
-    cfg: SweepConfig, node_resources: list[dict[str, float]]
+    cfg: SweepConfig, node_resources: list[dict[str, float]], *, here: bool = False
 ) -> list[ConfigIssue]:
     """Architectures whose per-trial request no single node can satisfy.
 
@@ -719,6 +738,8 @@ def check_cluster_fits(
     ``[n["Resources"] for n in ray.nodes() if n["Alive"]]``). A trial is placed on
     one node, so the largest node must hold it; otherwise Ray would wait forever.
     ``"auto"`` requests are skipped: they are sized to the cluster at launch.
+    ``here``: the one node is this machine, where a launch without an address
+    starts its own Ray (``orchestrator.preflight``); the message says so.
     """
     issues: list[ConfigIssue] = []
     for arch in cfg.arch_names():
@@ -732,6 +753,20 @@ def check_cluster_fits(
         if fits:
             continue
         key = next((f"resources.{k}" for k in (arch, "default") if k in cfg.resources), "resources")
+        if here:
+            machine = node_resources[0]
+            issues.append(
+                ConfigIssue(
+                    cfg.source_path,
+                    cfg.line_of(key),
+                    key,
+                    f"this machine cannot run a {arch} trial (cpu={_fmt(req['cpu'])}, "
+                    f"gpu={_fmt(req['gpu'])}): it has {_fmt(float(machine.get('CPU', 0)))} "
+                    f"CPUs and {_fmt(float(machine.get('GPU', 0)))} GPUs, and with no "
+                    "address a launch runs here (--address joins a cluster)",
+                )
+            )
+            continue
         if node_resources:
             most_cpu = max(float(n.get("CPU", 0)) for n in node_resources)
             most_gpu = max(float(n.get("GPU", 0)) for n in node_resources)
