@@ -435,6 +435,44 @@ def extend(sweep_dir: str, num_samples: int, address: str | None, trust: bool) -
                trust=trust)
 
 
+@main.command("confirm")
+@click.argument("sweep_dir", type=click.Path(file_okay=False))
+@click.option("--top", type=int, default=3, show_default=True,
+              help="Configurations to confirm: the search's best by its validation metric.")
+@click.option("--seeds", type=int, default=5, show_default=True,
+              help="Runs of each configuration, each with a new seed.")
+@click.option("--epochs", type=int, default=None,
+              help="Epochs of each run [default: each configuration's own].")
+@click.option("--train-on", "train_on", default="train", show_default=True,
+              help="train: the 45k/5k split (validation kept); train+val: all 50k "
+                   "training images, as the papers (no validation metric then).")
+@address_option
+@trust_option
+def confirm_command(sweep_dir: str, top: int, seeds: int, epochs: int | None, train_on: str,
+                    address: str | None, trust: bool) -> None:
+    """Re-train the search's best configurations with several seeds; mean ± std, median.
+
+    Each of the top configurations of the finished sweep in SWEEP_DIR trains again
+    from scratch with --seeds new seeds, as Ray Tune trials with the sweep's
+    resources, tracked as child runs of the sweep's parent run. The statistics go
+    to the parent run; the configuration with the best mean validation accuracy is
+    registered (its seed closest to the median) as the champion. Resumable with
+    `wrnsweep resume SWEEP_DIR`.
+    """
+    from orchestrator.confirm import ConfirmInputError, ConfirmSpec
+
+    spec = ConfirmSpec(top=top, seeds=seeds, epochs=epochs, train_on=train_on)
+    try:
+        spec.check()
+    except ConfirmInputError as err:
+        raise InvalidInput(str(err)) from None
+    if not Path(sweep_dir).is_dir():
+        raise InvalidInput(f"{sweep_dir}: no such sweep folder")
+    from orchestrator.confirm_round import confirm
+
+    _run_sweep(confirm, sweep_dir, spec, echo=click.echo, address=address, trust=trust)
+
+
 def _plan_for(target: str, tracking_uri: str | None) -> Any:
     """A sweep folder, or a sweep name looked up in MLflow at ``tracking_uri``."""
     from orchestrator.sweep import Plan
@@ -486,13 +524,19 @@ def best(target: str, top: int | None, as_json: bool, tracking_uri: str | None) 
 
     if top is not None and top < 1:
         raise InvalidInput(f"--top must be >= 1, got {top}")
+    from orchestrator.confirm import format_summary, leaderboard_rows_with, read_summary
+
     with _tracking_errors():
         plan = _plan_for(target, tracking_uri)
-        rows = leaderboard(mlflow_client(plan.tracking_uri), plan, top=top)
+        client = mlflow_client(plan.tracking_uri)
+        rows = leaderboard(client, plan, top=top)
+        confirmed = read_summary(client.get_run(plan.parent_run_id).data.tags)
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
-    else:
-        click.echo(format_table(rows, plan.metric))
+        click.echo(json.dumps(leaderboard_rows_with(rows, confirmed), indent=2))
+        return
+    click.echo(format_table(rows, plan.metric))
+    if confirmed:
+        click.echo("\n" + format_summary(confirmed))
 
 
 @main.command()

@@ -14,12 +14,13 @@ TRAILING = ("lr", "milestones", "params", "epochs", "status")
 
 
 def leaderboard(client: Any, plan: Any, *, top: int | None = None) -> list[dict[str, Any]]:
-    """Child runs of the sweep's parent run, best first by ``best_<metric>``.
+    """The search's child runs of the sweep's parent run, best first by ``best_<metric>``.
 
     Each row holds numbers as numbers (MLflow keeps params as strings): a model
     hyperparameter the run's family does not have is absent, not "n/a". The score
     is under its own name, ``best_<metric>`` (e.g. ``best_val_acc``).
     """
+    from orchestrator.confirm import ROUND_TAG
     from orchestrator.store import PARENT_TAG
     from trainables.models.registry import hparam_names
 
@@ -31,6 +32,8 @@ def leaderboard(client: Any, plan: Any, *, top: int | None = None) -> list[dict[
     rows = []
     for run in runs:
         p, m, t = run.data.params, run.data.metrics, run.data.tags
+        if ROUND_TAG in t:
+            continue  # a confirm run: the search's ranking is of the search's trials
         status = run.info.status
         if t.get("wrnsweep.pruned") == "true":
             status = f"PRUNED@{t.get('wrnsweep.stopped_at_epoch', '?')}"

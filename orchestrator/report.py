@@ -517,6 +517,30 @@ def plot_importances(results: Sequence[Importance], path: Path) -> Path | None:
     return path
 
 
+def plot_confirm(summary: dict[str, Any] | None, path: Path) -> Path | None:
+    """Test error per confirmed configuration: each seed, mean ± std, the paper's figure."""
+    configs = [c for c in (summary or {}).get("configs", []) if c["test_error"].get("n")]
+    if not configs:
+        return None
+    fig = _figure(1.2 + 1.1 * len(configs), 3.4)
+    ax = fig.subplots()
+    for x, c in enumerate(configs):
+        errors = [100.0 * (1.0 - v) for v in c.get("test_acc_by_seed", {}).values()
+                  if v is not None]
+        ax.scatter([x] * len(errors), errors, s=14, color="0.55", zorder=2)
+        ax.errorbar([x], [c["test_error"]["mean"]], yerr=[c["test_error"]["std"]], fmt="o",
+                    color=_colour(c["arch"]), capsize=5, zorder=3)
+        if c.get("paper"):
+            ax.scatter([x], [c["paper"]["error"]], marker="x", color="black", zorder=4,
+                       label="paper" if x == 0 else None)
+    ax.set_xticks(range(len(configs)), [c["label"] for c in configs])
+    ax.set_xlim(-0.6, len(configs) - 0.4)
+    ax.set_ylabel("test error % (mean ± std, seeds)")
+    ax.set_title(f"{summary['round']}: {summary['seeds']} seeds each")  # type: ignore[index]
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
 def _short(value: float) -> str:
     return f"{value:.3g}"
 
@@ -590,7 +614,8 @@ def leaderboard_rows(trials: Sequence[Trial]) -> list[list[str]]:
 
 def render_html(*, plan: Any, dataset: str | None, trials: Sequence[Trial],
                 front: Sequence[str], refs: Sequence[dict[str, Any]],
-                importances: Sequence[Importance], figures: dict[str, Path | None]) -> str:
+                importances: Sequence[Importance], figures: dict[str, Path | None],
+                confirmed: dict[str, Any] | None = None) -> str:
     """The whole page: text, tables and the figures inlined as base64 PNG."""
     by_status: dict[str, int] = {}
     for t in trials:
@@ -616,6 +641,20 @@ def render_html(*, plan: Any, dataset: str | None, trials: Sequence[Trial],
                            "is the best val_acc of any epoch; bold rows are on the Pareto front."))
     else:
         parts.append(_note("The sweep has no trial runs in MLflow."))
+
+    if confirmed:
+        from orchestrator.confirm import table_rows
+
+        rows = table_rows(confirmed)
+        parts.append("<h2>Confirmed over seeds</h2>")
+        parts.append(_table(tuple(rows[0]), [list(r.values()) for r in rows], left=2))
+        parts.append(_img(figures.get("confirm"), "test error over seeds"))
+        parts.append(_note(
+            f"{confirmed['round']}: the search's top {len(rows)} configurations trained again "
+            f"from scratch with {confirmed['seeds']} new seeds each, "
+            f"{confirmed['epochs_text']}, on {confirmed['train_on']}; mean ± sample std "
+            "(n - 1); * is the registered champion (best mean val_acc, its seed closest to "
+            "the median). Test accuracy is measured once per run, never used to choose."))
 
     parts.append("<h2>Learning curves</h2>")
     parts.append(_img(figures.get("curves"), "learning curves") or
@@ -708,9 +747,14 @@ def write_report(client: Any, plan: Any, out: str | Path, *,
     refs = reference_points(dataset)
     importances = [arch_importance(arch, trials) for arch in sorted({t.arch for t in trials})]
     figures = build_figures(trials, front, refs, importances, out)
+    from orchestrator.confirm import read_summary
+
+    confirmed = read_summary(client.get_run(plan.parent_run_id).data.tags) \
+        if plan.parent_run_id else None
+    figures["confirm"] = plot_confirm(confirmed, out / "confirm.png")
 
     page = render_html(plan=plan, dataset=dataset, trials=trials, front=front, refs=refs,
-                       importances=importances, figures=figures)
+                       importances=importances, figures=figures, confirmed=confirmed)
     html_path = out / HTML_FILE
     html_path.write_text(page, encoding="utf-8")
     data = {
@@ -722,6 +766,7 @@ def write_report(client: Any, plan: Any, out: str | Path, *,
         "pareto_front": [t.name for t in trials if t.run_id in front],
         "references": refs,
         "importances": [asdict(r) for r in importances],
+        "confirm": confirmed,
         "figures": {k: v.name for k, v in figures.items() if v is not None},
     }
     data_path = out / DATA_FILE

@@ -675,8 +675,14 @@ def _rounds(plan: Plan) -> list[tuple[str, str]]:
 
 def _fit(cfg: SweepConfig, plan: Plan, searcher: Any, num_samples: int, trainable: Any,
          round_: tuple[str, str] | None, echo: Echo,
-         best_so_far: tuple[float, str] | None = None) -> Any:
-    """Build the Tuner of one round and run it; Tune's ResultGrid."""
+         best_so_far: tuple[float, str] | None = None, *, scheduler: Any = None,
+         metric: str | None = "") -> Any:
+    """Build the Tuner of one round and run it; Tune's ResultGrid.
+
+    ``scheduler``: the sweep file's when None. ``metric``: what Tune ranks and keeps
+    checkpoints by, the plan's when "" and nothing when None (a confirm round that
+    trains on train+val has no validation metric: the latest checkpoints are kept).
+    """
     from ray import tune
 
     from orchestrator.search import create_scheduler
@@ -685,11 +691,14 @@ def _fit(cfg: SweepConfig, plan: Plan, searcher: Any, num_samples: int, trainabl
     path, runs_file = round_ or (plan.experiment_path, RUNS_FILE)
     storage, _, name = path.rpartition("/")
     prefix = _round_prefix(plan, path)
+    metric = plan.metric if metric == "" else metric
+    mode = plan.mode if metric else None
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=searcher, scheduler=create_scheduler(cfg), num_samples=num_samples,
-            metric=plan.metric, mode=plan.mode, trial_dirname_creator=trial_dirname,
+            search_alg=searcher, scheduler=scheduler or create_scheduler(cfg),
+            num_samples=num_samples, metric=metric, mode=mode,
+            trial_dirname_creator=trial_dirname,
             # A new trial reuses a finished trial's worker when their resources match:
             # torch is imported once per slot, not per trial (the dataset is put in the
             # object store once; each trial maps it from there).
@@ -700,8 +709,8 @@ def _fit(cfg: SweepConfig, plan: Plan, searcher: Any, num_samples: int, trainabl
             callbacks=_callbacks(cfg, plan, echo, runs_file, num_samples, best_so_far,
                                  prefix),
             checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=CHECKPOINTS_TO_KEEP, checkpoint_score_attribute=plan.metric,
-                checkpoint_score_order=plan.mode),
+                num_to_keep=CHECKPOINTS_TO_KEEP, checkpoint_score_attribute=metric,
+                checkpoint_score_order=mode or "max"),
             # No fail_fast: it would make the experiment unrestorable.
             failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures),
         ),
@@ -878,6 +887,11 @@ def resume(home: str, *, echo: Echo = print, address: str | None = None,
 
     plan = trusted_plan(home, "resume", vouch=trust)
     tracking_env()
+    pending = plan.extra.get("confirm")
+    if pending and not pending.get("done"):  # a confirm round (orchestrator.confirm)
+        from orchestrator.confirm_round import resume_confirm
+
+        return resume_confirm(plan, echo=echo, address=address)
     path, _ = _rounds(plan)[-1]
     cfg = load_sweep(Path(plan.home) / SWEEP_FILE)
     if address is not None:

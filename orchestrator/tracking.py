@@ -66,6 +66,9 @@ def run_param_names() -> tuple[str, ...]:
     from trainables.models.registry import hparam_names
 
     return ("arch", *hparam_names(), *TRAINING_PARAMS)
+# Config keys with this prefix become run tags (config_tags).
+TAG_KEY_PREFIX = "wrnsweep."
+
 # How often the run map's snapshot is rewritten (seconds); changes are journaled at once.
 SNAPSHOT_S = 1.0
 
@@ -201,6 +204,12 @@ def run_name(config: dict[str, Any], trial_id: str) -> str:
     cfg = TrainConfig.from_dict(trial_config(config))
     size = [str(cfg.model[k]) for k in ("depth", "width") if k in cfg.model]
     return "-".join([cfg.arch, *size, trial_id])
+
+
+def config_tags(config: dict[str, Any]) -> dict[str, str]:
+    """Tags a trial's config asks for: its ``wrnsweep.*`` keys (a confirm run's
+    configuration and seed), which the trainable ignores (``trial_config``)."""
+    return {k: str(v) for k, v in config.items() if k.startswith(TAG_KEY_PREFIX)}
 
 
 def _trial_gpus(trial: Any) -> str:
@@ -403,9 +412,9 @@ class SweepTracker(tune.Callback):
                 return entry
             entry["create_queued"] = True
         name, params = run_name(trial.config, trial.trial_id), run_params(trial.config)
-        gpus = _trial_gpus(trial)
+        tags = {GPU_TAG: _trial_gpus(trial), **config_tags(trial.config)}
         self.writer.submit(lambda: self._create_run(trial.trial_id, entry, name, params,
-                                                    str(trial.config.get("arch")), gpus))
+                                                    str(trial.config.get("arch")), tags))
         return entry
 
     def tag_trial(self, trial: Any, key: str, value: str) -> None:
@@ -414,14 +423,14 @@ class SweepTracker(tune.Callback):
         self.writer.submit(lambda: self.client.set_tag(entry["run_id"], key, value))
 
     def _create_run(self, trial_id: str, entry: dict[str, Any], name: str,
-                    params: dict[str, str], arch: str, gpus: str = "0") -> None:
+                    params: dict[str, str], arch: str, tags: dict[str, str]) -> None:
         from mlflow.entities import Param
 
         if entry["run_id"] is None:
             run = self.client.create_run(
                 self.experiment_id, run_name=name,
                 tags={PARENT_TAG: self.parent_run_id, TRIAL_TAG: trial_id,
-                      SWEEP_TAG: self.sweep_name, "arch": arch, GPU_TAG: gpus},
+                      SWEEP_TAG: self.sweep_name, "arch": arch, **tags},
             )
             self._logged[run.info.run_id] = set()  # a new run: no metric history to read
             with self._lock:

@@ -35,6 +35,9 @@ RECIPE_BOUNDS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
+TRAIN_ON = ("train", "train+val")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything one trial needs; immutable so a run can be re-run from its log."""
@@ -59,6 +62,9 @@ class TrainConfig:
     warmup_epochs: int = 0  # linear warm-up from lr/10, in epochs
     label_smoothing: float = 0.0
     seed: int = 0  # seeds init, data order, augmentation and dropout
+    # What SGD sees: "train" (the 45k/5k split: validation chooses) or "train+val"
+    # (all 50k training images, as the papers train; no validation metric then).
+    train_on: str = "train"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU: fp32 there)
     channels_last: bool = True  # NHWC on CUDA: faster convs on tensor cores
@@ -78,6 +84,9 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not ok(value):
                 raise ValueError(f"{rule}, got {name}={value!r}")
+        if self.train_on not in TRAIN_ON:
+            raise ValueError(f"train_on must be one of {', '.join(TRAIN_ON)}, "
+                             f"got train_on={self.train_on!r}")
         if self.nesterov and self.momentum == 0:
             raise ValueError("nesterov needs momentum > 0, got momentum=0")
         ms = self.milestones

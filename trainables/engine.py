@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from trainables.config import TrainConfig
-from trainables.data import Loader, Splits, load_splits
+from trainables.data import Loader, Split, Splits, load_splits
 from trainables.models import build_model, count_params
 
 METRICS = (
@@ -113,10 +113,15 @@ class Trainer:
         )
         self.autocast_dtype = torch.bfloat16 if (self.cuda and cfg.amp) else None
         loader_args = dict(device=self.device, channels_last=self.channels_last, seed=cfg.seed)
-        self.train_loader = Loader(self.splits.train, self.splits.spec, train=True,
+        train = self.splits.train
+        if cfg.train_on == "train+val":  # the papers' setting: nothing left to validate on
+            train = Split(torch.cat([train.images, self.splits.val.images]),
+                          torch.cat([train.labels, self.splits.val.labels]))
+        self.train_loader = Loader(train, self.splits.spec, train=True,
                                    batch_size=cfg.batch_size, **loader_args)
-        self.val_loader = Loader(self.splits.val, self.splits.spec, train=False,
-                                 batch_size=cfg.eval_batch_size, **loader_args)
+        self.val_loader = None if cfg.train_on == "train+val" else Loader(
+            self.splits.val, self.splits.spec, train=False, batch_size=cfg.eval_batch_size,
+            **loader_args)
         self.test_loader = Loader(self.splits.test, self.splits.spec, train=False,
                                   batch_size=cfg.eval_batch_size, **loader_args)
         self.epoch = 0  # epochs completed
@@ -180,13 +185,12 @@ class Trainer:
         if self.cuda:
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
-        val_loss, val_acc = self.evaluate(self.val_loader)
+        metrics = {"train_loss": train_loss, "train_acc": train_acc}
+        if self.val_loader is not None:
+            metrics["val_loss"], metrics["val_acc"] = self.evaluate(self.val_loader)
         self.epoch += 1
-        return EpochResult({
-            "train_loss": train_loss, "train_acc": train_acc,
-            "val_loss": val_loss, "val_acc": val_acc, "lr": lr,
-            "epoch_seconds": seconds, "images_per_second": images / seconds,
-        })
+        return EpochResult({**metrics, "lr": lr, "epoch_seconds": seconds,
+                            "images_per_second": images / seconds})
 
     def test_accuracy(self) -> float:
         """Accuracy on the test split: reported once, never used to choose."""
@@ -262,7 +266,8 @@ def train(
             return {"status": "diverged", "epochs": trainer.epoch, "num_params":
                     trainer.num_params, "best_val_acc": trainer.best_val_acc, "test_acc": None,
                     "trainer": trainer}
-        trainer.best_val_acc = max(trainer.best_val_acc, result.metrics["val_acc"])
+        trainer.best_val_acc = max(trainer.best_val_acc,
+                                   result.metrics.get("val_acc", trainer.best_val_acc))
         if on_epoch is not None:
             on_epoch(trainer.epoch, result.metrics, trainer)
     return {"status": "finished", "epochs": trainer.epoch, "num_params": trainer.num_params,
