@@ -557,7 +557,21 @@ def launch(cfg: SweepConfig, plan: Plan, *, echo: Echo = print,
          f"{plan.parent_run_id})")
     results = _fit(cfg, plan, searcher, num_samples,
                    _trainable(cfg, splits, has_gpu, plan, trainable), None, echo)
-    return finish(cfg, plan, results, echo=echo)
+    return _then_confirm(cfg, plan, finish(cfg, plan, results, echo=echo), echo)
+
+
+def _then_confirm(cfg: SweepConfig, plan: Plan, summary: dict[str, Any], echo: Echo
+                  ) -> dict[str, Any]:
+    """The sweep file's ``confirm:`` stage, once the search has finished (if it has one
+    and it has not run yet)."""
+    if cfg.confirm is None or plan.extra.get("confirm"):
+        return summary
+    from orchestrator.confirm import ConfirmSpec
+    from orchestrator.confirm_round import confirm
+
+    echo("")
+    spec = ConfirmSpec(**cfg.confirm.model_dump())
+    return {**summary, "confirm": confirm(plan.home, spec, echo=echo, address=plan.address)}
 
 
 @contextlib.contextmanager
@@ -897,6 +911,9 @@ def resume(home: str, *, echo: Echo = print, address: str | None = None,
     if address is not None:
         plan.address = address
     status = _finished_status(plan)
+    if status is not None and cfg.confirm is not None and not plan.extra.get("confirm"):
+        # The search finished and its driver stopped before the confirm stage began.
+        return _then_confirm(cfg, plan, {"resumed": False, "status": status}, echo)
     if status is not None:
         echo(f"sweep {plan.name} has finished (parent run {plan.parent_run_id}): nothing "
              f"to resume; `wrnsweep extend {home} --num-samples N` adds trials")
@@ -916,7 +933,7 @@ def resume(home: str, *, echo: Echo = print, address: str | None = None,
     tuner = tune.Tuner.restore(path, trainable=_trainable(cfg, splits, has_gpu, plan),
                                resume_unfinished=True, resume_errored=True)
     _here_now(tuner, cfg, plan, echo, path)
-    return finish(cfg, plan, _run_tuner(tuner, plan), echo=echo)
+    return _then_confirm(cfg, plan, finish(cfg, plan, _run_tuner(tuner, plan), echo=echo), echo)
 
 
 def _here_now(tuner: Any, cfg: SweepConfig, plan: Plan, echo: Echo, path: str) -> None:

@@ -373,6 +373,16 @@ class TrackingSpec(_Model):
     top_k: Int = 3
 
 
+class ConfirmSection(_Model):
+    """After the search: its top configurations trained again with several seeds
+    (``orchestrator.confirm``; the same as ``wrnsweep confirm``)."""
+
+    top: Int = Field(default=3, ge=1)
+    seeds: Int = Field(default=5, ge=1)
+    epochs: Int | None = Field(default=None, ge=1)  # None: each configuration's own
+    train_on: Literal["train", "train+val"] = "train"
+
+
 class RaySpec(_Model):
     """Which Ray cluster runs the trials and where their checkpoints go."""
 
@@ -509,6 +519,7 @@ class SweepConfig(_Model):
     resources: dict[Str, ResourceValue] = Field(default_factory=dict)
     tracking: TrackingSpec = TrackingSpec()
     ray: RaySpec = RaySpec()
+    confirm: ConfirmSection | None = None  # None: no confirm stage after the search
 
     @model_validator(mode="before")
     @classmethod
