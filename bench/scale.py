@@ -275,7 +275,7 @@ def child(trials: int, workdir: Path) -> None:
     import ray
 
     from orchestrator.config import parse_sweep
-    from orchestrator.sweep import launch, make_plan
+    from orchestrator.sweep import launch, make_manifest
 
     timers = Timers()
     install_timers(timers)
@@ -283,7 +283,7 @@ def child(trials: int, workdir: Path) -> None:
     sweep_file = workdir / f"{name}.yaml"
     sweep_file.write_text(sweep_yaml(name, trials))
     cfg = parse_sweep(sweep_file.read_text(), str(sweep_file))
-    plan = make_plan(cfg, sweep_file=str(sweep_file), storage=str(workdir / "runs"))
+    plan = make_manifest(cfg, sweep_file=str(sweep_file), storage=str(workdir / "runs"))
     template_checkpoint(workdir / "template")
     os.environ[CHECKPOINT_ENV] = str(workdir / "template")  # Ray's workers inherit it
     # Started here rather than by launch so that the cluster has 2 CPUs on any machine;

@@ -373,27 +373,28 @@ def validate(sweep_files: tuple[str, ...], address: str | None) -> None:
 @tracking_option
 @click.option("--num-samples", type=int, default=None, help="Trials to run (overrides the file).")
 @click.option("--name", default=None, help="Sweep name (overrides the file's `name`).")
-@click.option("--dry-run", is_flag=True, help="Print the resolved plan; start nothing.")
+@click.option("--dry-run", is_flag=True, help="Print the resolved manifest; start nothing.")
 def launch(sweep_file: str, address: str | None, storage: str | None,
            tracking_uri: str | None, num_samples: int | None, name: str | None,
            dry_run: bool) -> None:
     """Run the sweep in SWEEP_FILE: Optuna + scheduler on Ray Tune, tracked in MLflow."""
     from orchestrator.preflight import preflight
-    from orchestrator.sweep import describe_plan, make_plan
+    from orchestrator.sweep import describe_plan, make_manifest
     from orchestrator.sweep import launch as run_launch
 
     cfg = _load_sweep_or_exit(sweep_file)
-    plan = _run_sweep(make_plan, cfg, sweep_file=sweep_file, address=address, storage=storage,
-                      tracking_uri=tracking_uri, num_samples=num_samples, name=name)
+    manifest = _run_sweep(make_manifest, cfg, sweep_file=sweep_file, address=address,
+                          storage=storage, tracking_uri=tracking_uri, num_samples=num_samples,
+                          name=name)
     # What the launch would refuse once Ray runs, refused before: dry run or not.
     problems = preflight(cfg, address=address, storage=storage, tracking_uri=tracking_uri,
                          tracking_from_env=_from_environment("tracking_uri"))
     if problems:
         raise InvalidInput(_refused(problems))
     if dry_run:
-        click.echo(describe_plan(cfg, plan))
+        click.echo(describe_plan(cfg, manifest))
         return
-    _run_sweep(run_launch, cfg, plan, echo=click.echo)
+    _run_sweep(run_launch, cfg, manifest, echo=click.echo)
 
 
 trust_option = click.option(
@@ -473,18 +474,22 @@ def confirm_command(sweep_dir: str, top: int, seeds: int, epochs: int | None, tr
     _run_sweep(confirm, sweep_dir, spec, echo=click.echo, address=address, trust=trust)
 
 
-def _plan_for(target: str, tracking_uri: str | None) -> Any:
-    """A sweep folder, or a sweep name looked up in MLflow at ``tracking_uri``."""
-    from orchestrator.sweep import Plan
+def _manifest_for(target: str, tracking_uri: str | None) -> Any:
+    """A sweep folder's manifest, or that of a sweep name looked up in MLflow at
+    ``tracking_uri`` (the record its launch logged on the parent run)."""
+    from orchestrator.manifest import Manifest, ManifestError
 
     if Path(target).is_dir():
-        plan = Plan.load(target)
+        try:
+            manifest = Manifest.load(target)
+        except ManifestError as err:
+            raise InvalidInput(str(err)) from None
         # The folder records where its runs are: an MLFLOW_TRACKING_URI exported for
         # other work must not redirect it (an explicit --tracking-uri does: a moved store).
         if tracking_uri and not _from_environment("tracking_uri"):
-            plan.tracking_uri = tracking_uri
-        _check_store(plan.tracking_uri)  # a deleted mlflow.db is not made again, empty
-        return plan
+            manifest = manifest.replace(tracking_uri=tracking_uri)
+        _check_store(manifest.tracking_uri)  # a deleted mlflow.db is not made again, empty
+        return manifest
     if not tracking_uri:
         raise InvalidInput(f"{target}: no such sweep folder (give a folder, or a sweep name "
                            "with --tracking-uri)")
@@ -494,7 +499,7 @@ def _plan_for(target: str, tracking_uri: str | None) -> Any:
         raise InvalidInput(f"{target}: no such sweep folder, and not a sweep name (names "
                            f"match {SWEEP_NAME_RULE})")
     _check_store(tracking_uri)
-    from orchestrator.store import SWEEP_TAG, mlflow_client
+    from orchestrator.store import SWEEP_TAG, logged_manifest, mlflow_client
 
     client = mlflow_client(tracking_uri)
     runs = client.search_runs(
@@ -503,13 +508,12 @@ def _plan_for(target: str, tracking_uri: str | None) -> Any:
         order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
         raise InvalidInput(f"no sweep named {target!r} at {tracking_uri}")
-    run = runs[0]
-    return Plan(name=target, sweep_file="", storage_path="", home="", tracking_uri=tracking_uri,
-                experiment=target, registered_model=target, address=None,
-                metric=run.data.params.get("metric", "val_acc (max)").split()[0],
-                mode="min" if "(min)" in run.data.params.get("metric", "") else "max",
-                num_samples=0, top_k=0, experiment_id=run.info.experiment_id,
-                parent_run_id=run.info.run_id)
+    try:
+        manifest = logged_manifest(client, runs[0].info.run_id)
+    except ManifestError as err:
+        raise InvalidInput(f"sweep {target!r} at {tracking_uri}: {err}") from None
+    # Its store is the one it was found in, under whatever URI this machine uses for it.
+    return manifest.replace(tracking_uri=tracking_uri)
 
 
 @main.command()
@@ -527,14 +531,14 @@ def best(target: str, top: int | None, as_json: bool, tracking_uri: str | None) 
     from orchestrator.confirm import format_summary, leaderboard_rows_with, read_summary
 
     with _tracking_errors():
-        plan = _plan_for(target, tracking_uri)
-        client = mlflow_client(plan.tracking_uri)
-        rows = leaderboard(client, plan, top=top)
-        confirmed = read_summary(client.get_run(plan.parent_run_id).data.tags)
+        manifest = _manifest_for(target, tracking_uri)
+        client = mlflow_client(manifest.tracking_uri)
+        rows = leaderboard(client, manifest, top=top)
+        confirmed = read_summary(client.get_run(manifest.parent_run_id).data.tags)
     if as_json:
         click.echo(json.dumps(leaderboard_rows_with(rows, confirmed), indent=2))
         return
-    click.echo(format_table(rows, plan.metric))
+    click.echo(format_table(rows, manifest.metric))
     if confirmed:
         click.echo("\n" + format_summary(confirmed))
 
@@ -557,12 +561,12 @@ def report(target: str, out: str | None, tracking_uri: str | None) -> None:
     from orchestrator.store import mlflow_client
 
     with _tracking_errors():  # an unreachable store, a deleted run: one line, exit 1
-        plan = _plan_for(target, tracking_uri)
+        manifest = _manifest_for(target, tracking_uri)
         folder = Path(out) if out else (Path(target) / "report" if Path(target).is_dir()
-                                        else Path(f"report-{plan.name}"))
-        result = write_report(mlflow_client(plan.tracking_uri), plan, folder)
+                                        else Path(f"report-{manifest.name}"))
+        result = write_report(mlflow_client(manifest.tracking_uri), manifest, folder)
     click.echo(f"report written to {result.html.resolve()} ({len(result.figures)} figures "
-               f"beside it); logged to run {plan.parent_run_id} under {ARTIFACT_DIR}/")
+               f"beside it); logged to run {manifest.parent_run_id} under {ARTIFACT_DIR}/")
 
 
 @main.command(name="ui")
@@ -582,12 +586,12 @@ def ui_command(target: str, port: int, host: str, tracking_uri: str | None) -> N
     from orchestrator import ui
 
     with _tracking_errors():  # the server to look the name up in failed: one line, exit 1
-        plan = _plan_for(target, tracking_uri)
-    if ui.is_server(plan.tracking_uri):
-        click.echo(f"MLflow UI: {ui.experiment_url(plan.tracking_uri, plan.experiment_id)}")
+        manifest = _manifest_for(target, tracking_uri)
+    if ui.is_server(manifest.tracking_uri):
+        click.echo(f"MLflow UI: {ui.experiment_url(manifest.tracking_uri, manifest.experiment_id)}")
         return
     try:
-        code = ui.serve(plan.tracking_uri, plan.experiment_id, host=host, port=port,
+        code = ui.serve(manifest.tracking_uri, manifest.experiment_id, host=host, port=port,
                         echo=click.echo)
     except ValueError as err:
         raise InvalidInput(str(err)) from None

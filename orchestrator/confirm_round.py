@@ -1,6 +1,6 @@
 """Running a confirm round (``wrnsweep confirm``, and its ``resume``): see ``confirm``.
 
-The round is built from the sweep's own pieces: the trusted plan, the dataset
+The round is built from the sweep's own pieces: the trusted manifest, the dataset
 and resources of the sweep file, the sweep's callbacks (MLflow child runs of the
 parent run, progress, Tune's logs, signing), Tune's FIFO scheduler and a
 ``BasicVariantGenerator`` that hands out the K x N fixed configurations. What
@@ -39,17 +39,16 @@ from orchestrator.store import PARENT_TAG, TRIAL_TAG, tracking_env
 from orchestrator.sweep import (
     SWEEP_FILE,
     Echo,
-    Plan,
+    Manifest,
+    Session,
     SweepError,
     SweepInputError,
-    _check_cluster,
     _finished_status,
     _fit,
-    _load_splits,
     _run_tuner,
-    _start_ray,
     _trainable,
-    trusted_plan,
+    prepare,
+    trusted_manifest,
 )
 
 
@@ -58,71 +57,67 @@ def confirm(home: str, spec: ConfirmSpec, *, echo: Echo = print, address: str | 
     """Re-train the top ``spec.top`` configurations of the finished sweep in ``home``."""
     spec.check()
     args = f" --top {spec.top} --seeds {spec.seeds}"
-    plan = trusted_plan(home, "confirm", vouch=trust, args=args)
+    manifest = trusted_manifest(home, "confirm", vouch=trust, args=args)
     tracking_env()
-    cfg = load_sweep(Path(plan.home) / SWEEP_FILE)
-    pending = plan.extra.get("confirm")
+    cfg = load_sweep(Path(manifest.home) / SWEEP_FILE)
+    pending = manifest.confirm
     if pending and not pending.get("done"):
         raise SweepInputError(f"{home}: {pending['round']} has not finished; "
                               f"`wrnsweep resume {home}` continues it")
-    if _finished_status(plan) is None:
+    if _finished_status(manifest) is None:
         raise SweepInputError(f"{home}: the sweep has not finished; `wrnsweep resume {home}` "
                               "first (confirm re-trains the configurations a finished search "
                               "ranked)")
     if address is not None:
-        plan.address = address
+        manifest = manifest.replace(address=address)
     from orchestrator.store import mlflow_client
 
-    client = mlflow_client(plan.tracking_uri)
-    chosen = choose(client, plan, cfg, spec.top)
+    client = mlflow_client(manifest.tracking_uri)
+    chosen = choose(client, manifest, cfg, spec.top)
     if len(chosen) < spec.top:
         echo(f"note: the search ranked only {len(chosen)} configuration(s) with a "
-             f"{plan.metric}; confirming those")
-    done = sum(1 for p in Path(plan.home).glob("confirm-*") if p.is_dir())
+             f"{manifest.metric}; confirming those")
+    done = sum(1 for p in Path(manifest.home).glob("confirm-*") if p.is_dir())
     state = state_of(spec, f"confirm-{done + 1}", chosen,
                      seeds_for(cfg.search.seed, spec.seeds))
-    splits = _load_splits(cfg)
-    _start_ray(plan.address)
-    has_gpu = _check_cluster(cfg, plan)
-    # The parent run is RUNNING again before the plan names the round: `resume` sees an
-    # unfinished sweep and continues this round.
-    client.update_run(plan.parent_run_id, status="RUNNING")
-    client.set_tag(plan.parent_run_id, ROUND_TAG, state["round"])
-    plan.extra["confirm"] = state
-    plan.save()
-    echo(f"confirming {len(chosen)} configuration(s) of sweep {plan.name} with seeds "
-         f"{', '.join(map(str, state['seeds']))} -> {plan.experiment_path}/{state['round']}")
-    return _run(cfg, plan, state, splits, has_gpu, echo, restore=False)
+    session = prepare(cfg, manifest, echo)
+    # The parent run is RUNNING again before the manifest names the round: `resume` sees
+    # an unfinished sweep and continues this round.
+    client.update_run(manifest.parent_run_id, status="RUNNING")
+    client.set_tag(manifest.parent_run_id, ROUND_TAG, state["round"])
+    manifest = manifest.replace(confirm=state)
+    manifest.save()
+    echo(f"confirming {len(chosen)} configuration(s) of sweep {manifest.name} with seeds "
+         f"{', '.join(map(str, state['seeds']))} -> "
+         f"{manifest.experiment_path}/{state['round']}")
+    return _run(cfg, manifest, session, echo, restore=False)
 
 
-def resume_confirm(plan: Plan, *, echo: Echo = print, address: str | None = None) -> Any:
+def resume_confirm(manifest: Manifest, *, echo: Echo = print) -> Any:
     """Continue the confirm round a killed or interrupted driver left (``resume``)."""
-    cfg = load_sweep(Path(plan.home) / SWEEP_FILE)
-    if address is not None:
-        plan.address = address
-    state = plan.extra["confirm"]
-    splits = _load_splits(cfg)
-    _start_ray(plan.address)
-    has_gpu = _check_cluster(cfg, plan)
-    echo(f"resuming {state['round']} of sweep {plan.name}")
-    return _run(cfg, plan, state, splits, has_gpu, echo, restore=True)
+    cfg = load_sweep(Path(manifest.home) / SWEEP_FILE)
+    assert manifest.confirm is not None
+    session = prepare(cfg, manifest, echo)
+    echo(f"resuming {manifest.confirm['round']} of sweep {manifest.name}")
+    return _run(cfg, manifest, session, echo, restore=True)
 
 
-def _paths(plan: Plan, state: dict[str, Any]) -> tuple[str, str]:
-    return f"{plan.experiment_path}/{state['round']}", f"mlflow-runs.{state['round']}.json"
+def _paths(manifest: Manifest, state: dict[str, Any]) -> tuple[str, str]:
+    return f"{manifest.experiment_path}/{state['round']}", f"mlflow-runs.{state['round']}.json"
 
 
-def _run(cfg: SweepConfig, plan: Plan, state: dict[str, Any], splits: Any, has_gpu: bool,
-         echo: Echo, *, restore: bool) -> dict[str, Any]:
+def _run(cfg: SweepConfig, manifest: Manifest, session: Session, echo: Echo, *,
+         restore: bool) -> dict[str, Any]:
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
 
-    path, runs_file = _paths(plan, state)
-    trainable = _trainable(cfg, splits, has_gpu, plan)
-    metric = None if state["train_on"] == "train+val" else plan.metric
+    state = manifest.confirm
+    assert state is not None
+    path, runs_file = _paths(manifest, state)
+    trainable = _trainable(cfg, session)
+    metric = None if state["train_on"] == "train+val" else manifest.metric
     if restore:
         from orchestrator.sweep import _callbacks, _round_prefix
-        from orchestrator.trust import sign_folder
 
         if not tune.Tuner.can_restore(path):
             raise SweepInputError(f"{path}: no Tune experiment state to resume")
@@ -131,15 +126,15 @@ def _run(cfg: SweepConfig, plan: Plan, state: dict[str, Any], splits: Any, has_g
         local = getattr(tuner, "_local_tuner", None)
         if local is not None:  # the callbacks of this folder, where it is now
             local.get_run_config().callbacks = _callbacks(
-                cfg, plan, echo, runs_file, len(jobs(state)), prefix=_round_prefix(plan, path))
-        sign_folder(plan.home, plan.experiment_path)
-        results = _run_tuner(tuner, plan)
+                cfg, manifest, echo, runs_file, len(jobs(state)),
+                prefix=_round_prefix(manifest, path))
+        results = _run_tuner(tuner, manifest)
     else:
         todo = jobs(state)
         searcher = fixed_configs(todo)
-        results = _fit(cfg, plan, searcher, len(todo), trainable, (path, runs_file), echo,
+        results = _fit(cfg, manifest, searcher, len(todo), trainable, (path, runs_file), echo,
                        scheduler=FIFOScheduler(), metric=metric)
-    return finish(plan, state, results, echo=echo)
+    return finish(manifest, state, results, echo=echo)
 
 
 def fixed_configs(configs: list[dict[str, Any]]) -> Any:
@@ -180,14 +175,14 @@ def fixed_configs(configs: list[dict[str, Any]]) -> Any:
     return FixedConfigs()
 
 
-def choose(client: Any, plan: Plan, cfg: SweepConfig, top: int) -> list[Chosen]:
+def choose(client: Any, manifest: Manifest, cfg: SweepConfig, top: int) -> list[Chosen]:
     """The search's ``top`` configurations, ranked by its validation metric (never test),
     each as the flat trial config its MLflow run records (the sweep file fills in the
     constants the run does not: data and device settings)."""
     from orchestrator.leaderboard import best_key, leaderboard
 
-    score = best_key(plan.metric)
-    rows = [r for r in leaderboard(client, plan) if finite(r.get(score)) is not None]
+    score = best_key(manifest.metric)
+    rows = [r for r in leaderboard(client, manifest) if finite(r.get(score)) is not None]
     chosen = []
     for i, row in enumerate(rows[:top], start=1):
         params = client.get_run(row["run_id"]).data.params
@@ -221,10 +216,10 @@ def config_from_params(params: dict[str, str], cfg: SweepConfig) -> dict[str, An
     return out
 
 
-def _runs_of(client: Any, plan: Plan, round_name: str) -> list[Any]:
+def _runs_of(client: Any, manifest: Manifest, round_name: str) -> list[Any]:
     return client.search_runs(
-        [plan.experiment_id],
-        filter_string=f"tags.`{PARENT_TAG}` = '{plan.parent_run_id}' and "
+        [manifest.experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = '{manifest.parent_run_id}' and "
                       f"tags.`{ROUND_TAG}` = '{round_name}'", max_results=5000)
 
 
@@ -237,37 +232,37 @@ def _final(run: Any) -> dict[str, Any]:
             "train_loss": finite(m.get("train_loss"))}
 
 
-def finish(plan: Plan, state: dict[str, Any], results: Any, *, echo: Echo = print) -> dict:
+def finish(manifest: Manifest, state: dict[str, Any], results: Any, *,
+           echo: Echo = print) -> dict[str, Any]:
     """Close the round's runs, log the statistics, register the champion, print the table."""
     from orchestrator.store import mlflow_client
     from orchestrator.tracking import BufferedWriter, load_run_map, reconcile_runs
 
-    client = mlflow_client(plan.tracking_uri)
-    _, runs_file = _paths(plan, state)
+    client = mlflow_client(manifest.tracking_uri)
+    _, runs_file = _paths(manifest, state)
     outcomes = {(r.metrics or {}).get("trial_id"): "error" if r.error else "ok"
                 for r in results}
-    reconcile_runs(client, load_run_map(Path(plan.home) / runs_file), outcomes,
+    reconcile_runs(client, load_run_map(Path(manifest.home) / runs_file), outcomes,
                    BufferedWriter(echo=echo))
-    finished = [_final(r) for r in _runs_of(client, plan, state["round"])
+    finished = [_final(r) for r in _runs_of(client, manifest, state["round"])
                 if r.info.status == "FINISHED"]
-    summary = summary_of(state, finished, plan)
+    summary = summary_of(state, finished, manifest)
     if not any(c["test_acc"].get("n") for c in summary["configs"]):
-        client.set_terminated(plan.parent_run_id, status="FAILED")
-        raise SweepError(f"no confirm run finished; see {plan.experiment_path}/"
+        client.set_terminated(manifest.parent_run_id, status="FAILED")
+        raise SweepError(f"no confirm run finished; see {manifest.experiment_path}/"
                          f"{state['round']}")
-    _register(client, plan, state, summary, finished, results, echo)
+    _register(client, manifest, state, summary, finished, results, echo)
     for key, value in parent_metrics(summary).items():
-        client.log_metric(plan.parent_run_id, key, value)
-    client.set_tag(plan.parent_run_id, SUMMARY_TAG, json.dumps(summary, sort_keys=True))
-    state["done"] = True
-    plan.save()
-    client.set_terminated(plan.parent_run_id, status="FINISHED")
+        client.log_metric(manifest.parent_run_id, key, value)
+    client.set_tag(manifest.parent_run_id, SUMMARY_TAG, json.dumps(summary, sort_keys=True))
+    manifest.replace(confirm={**state, "done": True}).save()
+    client.set_terminated(manifest.parent_run_id, status="FINISHED")
     echo("")
     echo(format_summary(summary))
     return summary
 
 
-def summary_of(state: dict[str, Any], finished: list[dict[str, Any]], plan: Plan
+def summary_of(state: dict[str, Any], finished: list[dict[str, Any]], manifest: Manifest
                ) -> dict[str, Any]:
     """The round's table: per configuration its hyperparameters, statistics, paper row."""
     from trainables.models.registry import get_family
@@ -285,12 +280,12 @@ def summary_of(state: dict[str, Any], finished: list[dict[str, Any]], plan: Plan
                         "paper": paper_error(c["config"], c["config"].get("dataset", ""))})
     epochs = state["epochs"]
     return {"round": state["round"], "seeds": len(state["seeds"]), "train_on": state["train_on"],
-            "metric": plan.metric, "configs": configs,
+            "metric": manifest.metric, "configs": configs,
             "epochs_text": f"{epochs} epochs" if epochs else "each configuration's epochs",
             "champion": champion_config(configs, state["train_on"])}
 
 
-def _register(client: Any, plan: Plan, state: dict[str, Any], summary: dict[str, Any],
+def _register(client: Any, manifest: Manifest, state: dict[str, Any], summary: dict[str, Any],
               finished: list[dict[str, Any]], results: Any, echo: Echo) -> None:
     """Register the champion configuration's median seed; tag it with the statistics."""
     from orchestrator.registry import Candidate, register
@@ -302,18 +297,18 @@ def _register(client: Any, plan: Plan, state: dict[str, Any], summary: dict[str,
                   None)
     if result is None:
         raise SweepError(f"no Tune result for confirm run {pick['run_id']}")
-    metric = None if state["train_on"] == "train+val" else plan.metric
-    checkpoint = result.get_best_checkpoint(metric, plan.mode) if metric else result.checkpoint
+    metric = None if state["train_on"] == "train+val" else manifest.metric
+    checkpoint = result.get_best_checkpoint(metric, manifest.mode) if metric else result.checkpoint
     with checkpoint.as_directory() as folder:
         weights = load_checkpoint(folder)
     key, _ = SELECTION[state["train_on"]]
     config_of = next(c for c in summary["configs"] if c["label"] == label)
-    version, = register(client, plan.registered_model, [Candidate(
+    version, = register(client, manifest.registered_model, [Candidate(
         run_id=pick["run_id"], trial_id=pick["trial_id"],
         score=pick["best_val_acc"] if pick["best_val_acc"] is not None else float("nan"),
         config=result.config, state=weights, test_acc=pick["test_acc"])],
-        metric=plan.metric, echo=echo)
-    client.delete_model_version_tag(plan.registered_model, version.version, "rank")
+        metric=manifest.metric, echo=echo)
+    client.delete_model_version_tag(manifest.registered_model, version.version, "rank")
     tags = {"confirm.round": state["round"], "confirm.config": label,
             "confirm.seed": str(pick["seed"]), "confirm.chosen_by": f"{key} closest to median",
             "confirm.n": str(config_of["test_acc"]["n"]), "confirm.train_on": state["train_on"]}
@@ -322,6 +317,6 @@ def _register(client: Any, plan: Plan, state: dict[str, Any], summary: dict[str,
             if stat in config_of.get(metric_name, {}):
                 tags[f"confirm.{metric_name}_{stat}"] = repr(config_of[metric_name][stat])
     for k, v in tags.items():
-        client.set_model_version_tag(plan.registered_model, version.version, k, v)
-    echo(f"registered version {version.version} of '{plan.registered_model}' "
-         f"({label}, seed {pick['seed']}): models:/{plan.registered_model}@champion")
+        client.set_model_version_tag(manifest.registered_model, version.version, k, v)
+    echo(f"registered version {version.version} of '{manifest.registered_model}' "
+         f"({label}, seed {pick['seed']}): models:/{manifest.registered_model}@champion")

@@ -13,7 +13,7 @@ LEADING = ("rank", "run", "arch")
 TRAILING = ("lr", "milestones", "params", "epochs", "status")
 
 
-def leaderboard(client: Any, plan: Any, *, top: int | None = None) -> list[dict[str, Any]]:
+def leaderboard(client: Any, manifest: Any, *, top: int | None = None) -> list[dict[str, Any]]:
     """The search's child runs of the sweep's parent run, best first by ``best_<metric>``.
 
     Each row holds numbers as numbers (MLflow keeps params as strings): a model
@@ -25,10 +25,10 @@ def leaderboard(client: Any, plan: Any, *, top: int | None = None) -> list[dict[
     from trainables.models.registry import hparam_names
 
     runs = client.search_runs(
-        [plan.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{plan.parent_run_id}'",
+        [manifest.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{manifest.parent_run_id}'",
         max_results=5000,
     )
-    score = best_key(plan.metric)
+    score = best_key(manifest.metric)
     rows = []
     for run in runs:
         p, m, t = run.data.params, run.data.metrics, run.data.tags
@@ -50,7 +50,7 @@ def leaderboard(client: Any, plan: Any, *, top: int | None = None) -> list[dict[
             score: m.get(score), "test_acc": m.get("test_acc"),
         })
         rows.append(row)
-    sign = -1.0 if plan.mode == "max" else 1.0
+    sign = -1.0 if manifest.mode == "max" else 1.0
     rows.sort(key=lambda r: (r[score] is None, sign * (r[score] or 0.0)))
     for rank, row in enumerate(rows, start=1):
         row["rank"] = rank

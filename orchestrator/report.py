@@ -140,14 +140,14 @@ def run_hours(start_ms: int | None, end_ms: int | None, *, now_ms: int | None = 
     return max(0, end - start_ms) / 3.6e6
 
 
-def collect_trials(client: Any, plan: Any) -> list[Trial]:
+def collect_trials(client: Any, manifest: Any) -> list[Trial]:
     """The sweep's child runs in ``wrnsweep best`` order, with their val_acc curves."""
     from orchestrator.leaderboard import leaderboard
     from orchestrator.store import PARENT_TAG
 
-    rows = leaderboard(client, plan)
+    rows = leaderboard(client, manifest)
     runs = {r.info.run_id: r for r in client.search_runs(
-        [plan.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{plan.parent_run_id}'",
+        [manifest.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{manifest.parent_run_id}'",
         max_results=5000)}
     trials = []
     for row in rows:
@@ -169,18 +169,18 @@ def collect_trials(client: Any, plan: Any) -> list[Trial]:
     return trials
 
 
-def sweep_dataset(client: Any, plan: Any, trials: Sequence[Trial]) -> str | None:
+def sweep_dataset(client: Any, manifest: Any, trials: Sequence[Trial]) -> str | None:
     """The dataset name: from the trials' params, else the parent run (its params, or
     the ``resolved_config.json`` artifact every sweep logs at launch)."""
     names = {t.params.get("dataset") for t in trials} - {None}
     if len(names) == 1:
         return names.pop()
     try:
-        parent = client.get_run(plan.parent_run_id)
+        parent = client.get_run(manifest.parent_run_id)
         if parent.data.params.get("dataset"):
             return parent.data.params["dataset"]
         with tempfile.TemporaryDirectory() as folder:
-            path = client.download_artifacts(plan.parent_run_id, "resolved_config.json", folder)
+            path = client.download_artifacts(manifest.parent_run_id, "resolved_config.json", folder)
             config = json.loads(Path(path).read_text())
     except Exception:  # no artifact (an old sweep) or an unreachable artifact store
         return None
@@ -612,7 +612,7 @@ def leaderboard_rows(trials: Sequence[Trial]) -> list[list[str]]:
              f"{t.gpu_hours:.3f}"] for t in trials]
 
 
-def render_html(*, plan: Any, dataset: str | None, trials: Sequence[Trial],
+def render_html(*, manifest: Any, dataset: str | None, trials: Sequence[Trial],
                 front: Sequence[str], refs: Sequence[dict[str, Any]],
                 importances: Sequence[Importance], figures: dict[str, Path | None],
                 confirmed: dict[str, Any] | None = None) -> str:
@@ -621,14 +621,14 @@ def render_html(*, plan: Any, dataset: str | None, trials: Sequence[Trial],
     for t in trials:
         by_status[t.status.split("@")[0]] = by_status.get(t.status.split("@")[0], 0) + 1
     total_gpu = sum(t.gpu_hours for t in trials)
-    meta = [("sweep", plan.name), ("tracking", plan.tracking_uri),
-            ("experiment / parent run", f"{plan.experiment} / {plan.parent_run_id}"),
-            ("dataset", dataset or "unknown"), ("search metric", f"{plan.metric} ({plan.mode})"),
+    meta = [("sweep", manifest.name), ("tracking", manifest.tracking_uri),
+            ("experiment / parent run", f"{manifest.experiment} / {manifest.parent_run_id}"),
+            ("dataset", dataset or "unknown"), ("search metric", manifest.objective),
             ("trials", ", ".join(f"{n} {s}" for s, n in sorted(by_status.items())) or "none"),
             ("GPU-hours", f"{total_gpu:.3f} (wall time x the run's {GPU_TAG} tag; a run "
                           "without the tag ran on CPUs and counts 0)"),
             ("generated", time.strftime("%Y-%m-%d %H:%M:%S %Z"))]
-    parts = [f"<h1>wrnsweep report: {html.escape(plan.name)}</h1>",
+    parts = [f"<h1>wrnsweep report: {html.escape(manifest.name)}</h1>",
              '<table class="meta">' + "".join(
                  f"<tr><td><b>{html.escape(k)}</b></td><td>{html.escape(v)}</td></tr>"
                  for k, v in meta) + "</table>"]
@@ -637,7 +637,8 @@ def render_html(*, plan: Any, dataset: str | None, trials: Sequence[Trial],
     if trials:
         parts.append(_table(LEADERBOARD, leaderboard_rows(trials), left=3,
                             row_class=["front" if t.run_id in front else "" for t in trials]))
-        parts.append(_note(f"Ranked as `wrnsweep best` ranks them (best {plan.metric}); val acc "
+        parts.append(_note(f"Ranked as `wrnsweep best` ranks them (best {manifest.metric}); "
+                           "val acc "
                            "is the best val_acc of any epoch; bold rows are on the Pareto front."))
     else:
         parts.append(_note("The sweep has no trial runs in MLflow."))
@@ -710,7 +711,7 @@ def render_html(*, plan: Any, dataset: str | None, trials: Sequence[Trial],
                                 [[n, f"{v:.3f}"] for n, v in result.values.items()], left=1))
         parts.append(_note(result.note))
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>wrnsweep report: {html.escape(plan.name)}</title>"
+            f"<title>wrnsweep report: {html.escape(manifest.name)}</title>"
             f"<style>{STYLE}</style></head><body>\n" + "\n".join(p for p in parts if p)
             + "\n</body></html>\n")
 
@@ -734,13 +735,13 @@ def build_figures(trials: Sequence[Trial], front: Sequence[str], refs: Sequence[
     return figures
 
 
-def write_report(client: Any, plan: Any, out: str | Path, *,
+def write_report(client: Any, manifest: Any, out: str | Path, *,
                  log_to_mlflow: bool = True) -> ReportResult:
-    """Build the report of ``plan``'s sweep into ``out`` and log it to the parent run."""
+    """Build the report of ``manifest``'s sweep into ``out`` and log it to the parent run."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    trials = collect_trials(client, plan)
-    dataset = sweep_dataset(client, plan, trials)
+    trials = collect_trials(client, manifest)
+    dataset = sweep_dataset(client, manifest, trials)
     scored = [t for t in trials if t.val_acc is not None and t.num_params]
     front = [scored[i].run_id for i in pareto_front(
         [(float(t.num_params or 0), float(t.val_acc or 0.0)) for t in scored])]
@@ -749,17 +750,17 @@ def write_report(client: Any, plan: Any, out: str | Path, *,
     figures = build_figures(trials, front, refs, importances, out)
     from orchestrator.confirm import read_summary
 
-    confirmed = read_summary(client.get_run(plan.parent_run_id).data.tags) \
-        if plan.parent_run_id else None
+    confirmed = read_summary(client.get_run(manifest.parent_run_id).data.tags) \
+        if manifest.parent_run_id else None
     figures["confirm"] = plot_confirm(confirmed, out / "confirm.png")
 
-    page = render_html(plan=plan, dataset=dataset, trials=trials, front=front, refs=refs,
+    page = render_html(manifest=manifest, dataset=dataset, trials=trials, front=front, refs=refs,
                        importances=importances, figures=figures, confirmed=confirmed)
     html_path = out / HTML_FILE
     html_path.write_text(page, encoding="utf-8")
     data = {
-        "sweep": plan.name, "tracking_uri": plan.tracking_uri,
-        "parent_run_id": plan.parent_run_id, "dataset": dataset,
+        "sweep": manifest.name, "tracking_uri": manifest.tracking_uri,
+        "parent_run_id": manifest.parent_run_id, "dataset": dataset,
         "trials": [{**{k: v for k, v in asdict(t).items() if k != "curve"},
                     "gpu_hours": t.gpu_hours, "curve": [list(p) for p in t.curve]}
                    for t in trials],
@@ -772,8 +773,8 @@ def write_report(client: Any, plan: Any, out: str | Path, *,
     data_path = out / DATA_FILE
     data_path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
     written = [p for p in figures.values() if p is not None]
-    if log_to_mlflow and plan.parent_run_id:
+    if log_to_mlflow and manifest.parent_run_id:
         for path in [html_path, data_path, *written]:
-            client.log_artifact(plan.parent_run_id, str(path), ARTIFACT_DIR)
+            client.log_artifact(manifest.parent_run_id, str(path), ARTIFACT_DIR)
     return ReportResult(html=html_path, data=data_path, figures=written,
-                        artifacts_logged=bool(log_to_mlflow and plan.parent_run_id))
+                        artifacts_logged=bool(log_to_mlflow and manifest.parent_run_id))

@@ -165,3 +165,29 @@ def _rewrite(con: Any, table: str, column: str, pairs: list[tuple[str, str]]) ->
                 con.execute(f"update {table} set {column} = ? where rowid = ?",
                             (new + value[len(old):], rowid))
                 break
+
+
+def logged_manifest(client: Any, run_id: str) -> Any:
+    """The sweep record its launch logged on the parent run ``run_id``.
+
+    ``manifest.json`` (the current format), or the ``plan.json`` of a sweep launched
+    by an earlier wrnsweep (loaded through the same migration as a folder's).
+    Raises ``ManifestError`` when the run has neither.
+    """
+    import json
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+
+    from orchestrator.manifest import MANIFEST_ARTIFACT, Manifest, ManifestError
+
+    for name in (MANIFEST_ARTIFACT, "plan.json"):
+        with tempfile.TemporaryDirectory(prefix="wrnsweep-manifest-") as tmp:
+            try:
+                path = client.download_artifacts(run_id, name, tmp)
+                data = json.loads(Path(path).read_text())
+            except (MlflowException, OSError, ValueError):
+                continue
+        if isinstance(data, dict):
+            return Manifest.from_json(data, Path(str(data.get("home", "."))))
+    raise ManifestError(f"run {run_id} holds no sweep record ({MANIFEST_ARTIFACT})")

@@ -5,7 +5,7 @@ A sweep lives in one folder, ``<storage_path>/<name>/``: Ray Tune's experiment
 wrnsweep's own files:
 
 * ``sweep.yaml``: the sweep file as given (resume re-reads it);
-* ``wrnsweep.json``: the resolved plan: tracking URI, experiment and parent run
+* ``wrnsweep.json``: the resolved manifest: tracking URI, experiment and parent run
   ids, registered model name, metric (the other commands read it);
 * ``mlflow-runs.json`` (+ ``mlflow-runs.journal``, its append-only journal): trial id ->
   MLflow run id and last epoch logged;
@@ -22,7 +22,6 @@ folder ``./runs/<name>/`` on the driver instead.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -30,20 +29,15 @@ import signal
 import threading
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from orchestrator.config import SweepConfig, load_sweep
+from orchestrator.manifest import MANIFEST_ARTIFACT, META_FILE, Manifest, ManifestError, is_uri
 from orchestrator.preflight import probe_tracking
-from orchestrator.store import (
-    StoreMovedError,
-    local_store_path,
-    relocate_store,
-    tracking_env,
-)
+from orchestrator.store import tracking_env
 
-META_FILE = "wrnsweep.json"
 RUNS_FILE = "mlflow-runs.json"
 SWEEP_FILE = "sweep.yaml"
 CHECKPOINTS_TO_KEEP = 3  # best few by the metric; Ray always keeps the latest as well
@@ -67,106 +61,9 @@ class SweepInterrupted(RuntimeError):
     """Ctrl-C (SIGINT) or SIGUSR1 stopped the sweep; Tune saved its state (exit code 130)."""
 
 
-def is_uri(path: str) -> bool:
-    return "://" in path
-
-
-@dataclass
-class Plan:
-    """Everything resolved from the sweep file and the command-line overrides."""
-
-    name: str
-    sweep_file: str
-    storage_path: str  # absolute folder or URI
-    home: str  # local folder with wrnsweep's files
-    tracking_uri: str
-    experiment: str
-    registered_model: str
-    address: str | None
-    metric: str
-    mode: str
-    num_samples: int
-    top_k: int
-    experiment_id: str | None = None
-    parent_run_id: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def experiment_path(self) -> str:
-        """Tune's experiment folder: the sweep folder itself when storage is local (under
-        whatever name the folder has now), else ``<storage URI>/<name>``."""
-        if not is_uri(self.storage_path) and Path(self.home).parent == Path(self.storage_path):
-            return self.home
-        return f"{self.storage_path.rstrip('/')}/{self.name}"
-
-    def save(self) -> None:
-        from orchestrator.trust import sign_bytes
-
-        Path(self.home).mkdir(parents=True, exist_ok=True)
-        data = (json.dumps(_portable(asdict(self)), indent=2) + "\n").encode()
-        # Signed before it is written: resume trusts where the plan says to connect.
-        sign_bytes(self.home, META_FILE, data)
-        tmp = Path(self.home) / (META_FILE + ".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(Path(self.home) / META_FILE)
-
-    @classmethod
-    def load(cls, home: str | os.PathLike[str]) -> Plan:
-        """The plan of the sweep folder ``home``, wherever the folder is now.
-
-        Paths inside the folder are resolved against its present location, so a
-        folder moved, copied or renamed reads and writes only itself; the folder's
-        own MLflow store is re-pointed at its artifacts (:func:`relocate_store`).
-        """
-        path = Path(home) / META_FILE
-        if not path.exists():
-            raise SweepInputError(f"{home}: not a wrnsweep sweep folder (no {META_FILE})")
-        plan = cls(**_located(json.loads(path.read_text()), Path(home).resolve()))
-        store = local_store_path(plan.tracking_uri)
-        if store is not None and store.parent == Path(plan.home) and store.exists():
-            try:
-                relocate_store(store)
-            except StoreMovedError as err:
-                raise SweepInputError(str(err)) from None
-        return plan
-
-
-# Where wrnsweep.json stands for "this folder" and "the folder holding it", and how
-# it names the folder's own SQLite store: paths that stay true when the folder moves.
-_HERE, _PARENT, _LOCAL_STORE = ".", "..", "sqlite:///./mlflow.db"
-
-
-def _portable(fields: dict[str, Any]) -> dict[str, Any]:
-    """The plan as saved: paths inside the sweep folder relative to it."""
-    home = Path(fields["home"])
-    out = dict(fields, home=_HERE)
-    if not is_uri(fields["storage_path"]) and home.parent == Path(fields["storage_path"]):
-        out["storage_path"] = _PARENT
-    if local_store_path(fields["tracking_uri"]) == home / "mlflow.db":
-        out["tracking_uri"] = _LOCAL_STORE
-    return out
-
-
-def _located(fields: dict[str, Any], home: Path) -> dict[str, Any]:
-    """The saved plan resolved at ``home``, the folder's present location.
-
-    Older folders saved absolute paths: those under the folder's former location are
-    mapped to the same place under ``home``.
-    """
-    was = Path(fields["home"])
-    out = dict(fields, home=str(home))
-    storage = fields["storage_path"]
-    if storage == _PARENT or (not is_uri(storage) and was.parent == Path(storage)):
-        out["storage_path"] = str(home.parent)
-    uri = fields["tracking_uri"]
-    if uri == _LOCAL_STORE or (was != Path(_HERE) and local_store_path(uri) == was / "mlflow.db"):
-        out["tracking_uri"] = f"sqlite:///{home / 'mlflow.db'}"
-    return out
-
-
-def make_plan(cfg: SweepConfig, *, sweep_file: str, address: str | None = None,
-              storage: str | None = None, tracking_uri: str | None = None,
-              num_samples: int | None = None, name: str | None = None) -> Plan:
+def make_manifest(cfg: SweepConfig, *, sweep_file: str, address: str | None = None,
+                  storage: str | None = None, tracking_uri: str | None = None,
+                  num_samples: int | None = None, name: str | None = None) -> Manifest:
     """Apply command-line overrides to the sweep file's settings."""
     if num_samples is not None and num_samples < 1:
         raise SweepInputError(f"--num-samples must be >= 1, got {num_samples}")
@@ -184,7 +81,7 @@ def make_plan(cfg: SweepConfig, *, sweep_file: str, address: str | None = None,
     else:
         home = str(Path("runs", sweep_name).resolve())
     uri = tracking_uri or cfg.tracking.uri or f"sqlite:///{Path(home) / 'mlflow.db'}"
-    return Plan(
+    return Manifest(
         name=sweep_name, sweep_file=str(Path(sweep_file).resolve()), storage_path=storage_path,
         home=home, tracking_uri=uri, experiment=cfg.tracking.experiment or sweep_name,
         registered_model=cfg.tracking.registered_model or sweep_name,
@@ -194,11 +91,11 @@ def make_plan(cfg: SweepConfig, *, sweep_file: str, address: str | None = None,
     )
 
 
-def journal_path(plan: Plan) -> str:
+def journal_path(manifest: Manifest) -> str:
     """The sweep's Optuna journal (every round's study)."""
     from orchestrator.search import JOURNAL_FILE
 
-    return str(Path(plan.home) / JOURNAL_FILE)
+    return str(Path(manifest.home) / JOURNAL_FILE)
 
 
 def with_num_samples(cfg: SweepConfig, num_samples: int) -> SweepConfig:
@@ -238,20 +135,20 @@ def resources_fn(cfg: SweepConfig, *, cluster_has_gpu: bool,
     return resources
 
 
-def describe_plan(cfg: SweepConfig, plan: Plan) -> str:
-    """The resolved plan as text (``launch --dry-run``)."""
+def describe_plan(cfg: SweepConfig, manifest: Manifest) -> str:
+    """The resolved manifest as text (``launch --dry-run``)."""
     from orchestrator.search import describe_schedule, n_startup_trials
     from orchestrator.space import describe, grid_points
 
     # What launch will run: --num-samples applied (it sizes TPE's start-up), and a
     # grid runs each of its points once whatever num_samples says.
-    cfg = with_num_samples(cfg, plan.num_samples)
-    trials = len(grid_points(cfg)) if cfg.search.algorithm == "grid" else plan.num_samples
-    lines = [f"sweep {plan.name}: {trials} trials, {cfg.search.algorithm} search "
-             f"on {plan.metric} ({plan.mode}), at most {cfg.search.max_concurrent} at once"]
+    cfg = with_num_samples(cfg, manifest.num_samples)
+    trials = len(grid_points(cfg)) if cfg.search.algorithm == "grid" else manifest.num_samples
+    lines = [f"sweep {manifest.name}: {trials} trials, {cfg.search.algorithm} search "
+             f"on {manifest.metric} ({manifest.mode}), at most {cfg.search.max_concurrent} at once"]
     if cfg.search.algorithm == "tpe":
         lines.append(f"  TPE start-up: {n_startup_trials(cfg)} random trials, seed "
-                     f"{cfg.search.seed}, study '{plan.name}'")
+                     f"{cfg.search.seed}, study '{manifest.name}'")
     lines.append(f"dataset: {cfg.dataset_options()['dataset']}")
     for arch, rows in describe(cfg).items():
         res = cfg.resources_for(arch)
@@ -272,13 +169,14 @@ def describe_plan(cfg: SweepConfig, plan: Plan) -> str:
     if cfg.search.points_to_evaluate:
         lines.append(f"starting points: {len(cfg.search.points_to_evaluate)}")
     lines += [
-        f"ray: {'local (started here)' if not plan.address else plan.address}",
-        f"results: {plan.experiment_path}" + (
+        f"ray: {'local (started here)' if not manifest.address else manifest.address}",
+        f"results: {manifest.experiment_path}" + (
             " (exists: launch would refuse it; `wrnsweep resume` continues it)"
-            if not is_uri(plan.experiment_path) and Path(plan.experiment_path).exists()
+            if not is_uri(manifest.experiment_path) and Path(manifest.experiment_path).exists()
             else ""),
-        f"tracking: {plan.tracking_uri} (experiment '{plan.experiment}')",
-        f"registry: top {plan.top_k} as '{plan.registered_model}', alias champion on the best",
+        f"tracking: {manifest.tracking_uri} (experiment '{manifest.experiment}')",
+        f"registry: top {manifest.top_k} as '{manifest.registered_model}', alias champion on "
+        "the best",
     ]
     return "\n".join(lines)
 
@@ -363,8 +261,29 @@ def _loopback_only() -> Iterator[None]:
             os.environ[_RAY_CLUSTER_SWITCH] = before_env
 
 
-def _check_cluster(cfg: SweepConfig, plan: Plan) -> bool:
-    """Refuse what cannot work on this cluster; True when the cluster has GPUs."""
+@dataclass(frozen=True)
+class Session:
+    """What one driver prepared for its rounds: the dataset, and the cluster as found.
+
+    Not part of the sweep's record (:class:`Manifest`): another driver (a resume,
+    on another cluster) finds its own.
+    """
+
+    splits: Any
+    has_gpu: bool
+    gpu_memory_bytes: int | None = None  # of one GPU, for `resources: auto`
+
+
+def prepare(cfg: SweepConfig, manifest: Manifest, echo: Echo) -> Session:
+    """Load the dataset (a missing one is bad input, before Ray starts), start or join
+    Ray, and check the cluster: the first step of launch, extend, resume and confirm."""
+    splits = _load_splits(cfg)
+    _start_ray(manifest.address)
+    return _check_cluster(cfg, manifest, splits, echo)
+
+
+def _check_cluster(cfg: SweepConfig, manifest: Manifest, splits: Any, echo: Echo) -> Session:
+    """Refuse what cannot work on this cluster; say what may not."""
     import ray
 
     from orchestrator.config import ConfigError, check_cluster_fits
@@ -372,30 +291,31 @@ def _check_cluster(cfg: SweepConfig, plan: Plan) -> bool:
     alive = [n for n in ray.nodes() if n.get("Alive")]
     nodes = [n.get("Resources", {}) for n in alive]
     issues = check_cluster_fits(cfg, nodes)
-    if issues and not plan.address:
+    if issues and not manifest.address:
         raise ConfigError(issues)  # the local Ray will never grow
     if issues:
         # A joined cluster may autoscale: nodes that satisfy the request can still come.
-        plan.extra["fit_warning"] = "; ".join(str(i) for i in issues)
-    if len(alive) > 1 and not is_uri(plan.storage_path):
-        blind = nodes_without_storage(plan.storage_path, [n["NodeID"] for n in alive])
+        echo("warning: " + "; ".join(str(i) for i in issues))
+    if len(alive) > 1 and not is_uri(manifest.storage_path):
+        blind = nodes_without_storage(manifest.storage_path, [n["NodeID"] for n in alive])
         if blind:
             raise SweepInputError(
-                f"storage_path {plan.storage_path} is not shared: {len(blind)} of "
+                f"storage_path {manifest.storage_path} is not shared: {len(blind)} of "
                 f"{len(alive)} nodes cannot see it (Ray workers write checkpoints there "
                 "directly). Use a folder every node mounts (NFS) or s3:// / gs://.")
+    gpu_memory = None
     if any(cfg.resources_for(a) == "auto" for a in cfg.arch_names()):
         from orchestrator.packing import gpu_memory_for
 
         try:
-            plan.extra["gpu_memory_bytes"] = gpu_memory_for(cfg, alive)
+            gpu_memory = gpu_memory_for(cfg, alive)
         except ValueError as err:
             raise SweepInputError(str(err)) from None
-    if len(alive) > 1 and plan.tracking_uri.startswith("sqlite:"):
-        plan.extra["tracking_note"] = (
-            "MLflow uses a SQLite file on this driver; that is fine on a cluster because "
-            "only the driver writes to MLflow")
-    return any(n.get("GPU", 0) > 0 for n in nodes)
+    if len(alive) > 1 and manifest.tracking_uri.startswith("sqlite:"):
+        echo("note: MLflow uses a SQLite file on this driver; that is fine on a cluster "
+             "because only the driver writes to MLflow")
+    return Session(splits=splits, has_gpu=any(n.get("GPU", 0) > 0 for n in nodes),
+                   gpu_memory_bytes=gpu_memory)
 
 
 def nodes_without_storage(storage_path: str, node_ids: list[str]) -> list[str]:
@@ -437,60 +357,62 @@ def _load_splits(cfg: SweepConfig) -> Any:
         raise SweepInputError(str(err)) from None
 
 
-def _trainable(cfg: SweepConfig, splits: Any, has_gpu: bool, plan: Plan,
+def _trainable(cfg: SweepConfig, session: Session,
                fn: Callable[..., None] | None = None) -> Any:
     from ray import tune
 
     from trainables.trainable import train_trial
 
     # The dataset goes into the object store once, not into every trial's config.
-    with_data = tune.with_parameters(fn or train_trial, splits=splits)
+    with_data = tune.with_parameters(fn or train_trial, splits=session.splits)
     return tune.with_resources(with_data, resources=resources_fn(
-        cfg, cluster_has_gpu=has_gpu, gpu_memory_bytes=plan.extra.get("gpu_memory_bytes")))
+        cfg, cluster_has_gpu=session.has_gpu, gpu_memory_bytes=session.gpu_memory_bytes))
 
 
-def _start_tracking(cfg: SweepConfig, plan: Plan) -> None:
+def _start_tracking(cfg: SweepConfig, manifest: Manifest) -> Manifest:
+    """The sweep's MLflow experiment and parent run; the manifest that names them."""
     from orchestrator.tracking import SWEEP_TAG, ensure_experiment, git_commit, mlflow_client
 
     tracking_env()
-    client = mlflow_client(plan.tracking_uri)
+    client = mlflow_client(manifest.tracking_uri)
     artifacts = None
-    if plan.tracking_uri.startswith("sqlite:"):
+    if manifest.tracking_uri.startswith("sqlite:"):
         # The embedded store keeps its artifacts beside the database, not in ./mlruns.
-        artifacts = (Path(plan.home) / "mlartifacts").resolve().as_uri()
-    plan.experiment_id = ensure_experiment(client, plan.experiment, artifacts)
-    tags = {SWEEP_TAG: plan.name, "ray.address": plan.address or "local",
-            "wrnsweep.storage_path": plan.experiment_path}
-    commit = git_commit(Path(plan.sweep_file).parent)
+        artifacts = (Path(manifest.home) / "mlartifacts").resolve().as_uri()
+    manifest = manifest.replace(
+        experiment_id=ensure_experiment(client, manifest.experiment, artifacts))
+    tags = {SWEEP_TAG: manifest.name, "ray.address": manifest.address or "local",
+            "wrnsweep.storage_path": manifest.experiment_path}
+    commit = git_commit(Path(manifest.sweep_file).parent)
     if commit:
         tags["git.commit"] = commit
-    run = client.create_run(plan.experiment_id, run_name=plan.name, tags=tags)
-    plan.parent_run_id = run.info.run_id
-    client.log_text(plan.parent_run_id, cfg.source_text, "sweep.yaml")
-    client.log_dict(plan.parent_run_id, cfg.model_dump(mode="json"), "resolved_config.json")
-    client.log_dict(plan.parent_run_id, {k: v for k, v in asdict(plan).items()
-                                         if k != "extra"}, "plan.json")
-    client.log_param(plan.parent_run_id, "num_samples", plan.num_samples)
-    client.log_param(plan.parent_run_id, "architectures", ",".join(cfg.arch_names()))
-    client.log_param(plan.parent_run_id, "metric", f"{plan.metric} ({plan.mode})")
+    run = client.create_run(manifest.experiment_id, run_name=manifest.name, tags=tags)
+    manifest = manifest.replace(parent_run_id=run.info.run_id)
+    client.log_text(manifest.parent_run_id, cfg.source_text, "sweep.yaml")
+    client.log_dict(manifest.parent_run_id, cfg.model_dump(mode="json"), "resolved_config.json")
+    client.log_dict(manifest.parent_run_id, manifest.to_json(), MANIFEST_ARTIFACT)
+    client.log_param(manifest.parent_run_id, "num_samples", manifest.num_samples)
+    client.log_param(manifest.parent_run_id, "architectures", ",".join(cfg.arch_names()))
+    client.log_param(manifest.parent_run_id, "metric", manifest.objective)
+    return manifest
 
 
-def _callbacks(cfg: SweepConfig, plan: Plan, echo: Echo, runs_file: str = RUNS_FILE,
+def _callbacks(cfg: SweepConfig, manifest: Manifest, echo: Echo, runs_file: str = RUNS_FILE,
                num_samples: int | None = None,
                best_so_far: tuple[float, str] | None = None, prefix: str = "") -> list:
     from orchestrator.progress import ConsoleProgress
     from orchestrator.tracking import SweepTracker
 
-    assert plan.experiment_id and plan.parent_run_id
+    assert manifest.experiment_id and manifest.parent_run_id
     tracker = SweepTracker(
-        tracking_uri=plan.tracking_uri, experiment_id=plan.experiment_id,
-        parent_run_id=plan.parent_run_id, state_file=str(Path(plan.home) / runs_file),
-        metric=plan.metric, mode=plan.mode, sweep_name=plan.name,
+        tracking_uri=manifest.tracking_uri, experiment_id=manifest.experiment_id,
+        parent_run_id=manifest.parent_run_id, state_file=str(Path(manifest.home) / runs_file),
+        metric=manifest.metric, mode=manifest.mode, sweep_name=manifest.name,
     )
     from orchestrator.packing import OomEscalation
 
-    progress = ConsoleProgress(metric=plan.metric, mode=plan.mode,
-                               num_samples=num_samples or plan.num_samples, echo=echo)
+    progress = ConsoleProgress(metric=manifest.metric, mode=manifest.mode,
+                               num_samples=num_samples or manifest.num_samples, echo=echo)
     progress.best = best_so_far  # an extension's "best so far" counts the earlier rounds
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
@@ -504,12 +426,12 @@ def _callbacks(cfg: SweepConfig, plan: Plan, echo: Echo, runs_file: str = RUNS_F
     # The signer signs each snapshot of Tune's state before Tune copies it into the
     # sweep folder (it is restored with the other callbacks from tuner.pkl on resume).
     return [OomEscalation(tracker, echo), tracker, progress, CSVLoggerCallback(),
-            JsonLoggerCallback(), StateSigner(plan.home, prefix)]
+            JsonLoggerCallback(), StateSigner(manifest.home, prefix)]
 
 
-def launch(cfg: SweepConfig, plan: Plan, *, echo: Echo = print,
+def launch(cfg: SweepConfig, manifest: Manifest, *, echo: Echo = print,
            trainable: Callable[..., None] | None = None) -> dict[str, Any]:
-    """Run the sweep described by ``cfg`` and ``plan`` to the end; the summary.
+    """Run the sweep described by ``cfg`` and ``manifest`` to the end; the summary.
 
     ``trainable`` replaces the trial function (``train_trial(config, splits)``),
     wrapped the same way; ``bench/scale.py`` passes one that trains nothing.
@@ -517,25 +439,20 @@ def launch(cfg: SweepConfig, plan: Plan, *, echo: Echo = print,
 
     from orchestrator.search import create_searcher
 
-    if not is_uri(plan.experiment_path) and Path(plan.experiment_path).exists():
+    if not is_uri(manifest.experiment_path) and Path(manifest.experiment_path).exists():
         raise SweepInputError(
-            f"{plan.experiment_path} already exists: `wrnsweep resume {plan.experiment_path}` "
-            "continues it, --name starts another sweep")
-    cfg = with_num_samples(cfg, plan.num_samples)
-    splits = _load_splits(cfg)  # before Ray starts: a missing dataset is bad input
+            f"{manifest.experiment_path} already exists: `wrnsweep resume "
+            f"{manifest.experiment_path}` continues it, --name starts another sweep")
+    cfg = with_num_samples(cfg, manifest.num_samples)
     # The study's journal is created at the first trial, in the folder made below.
-    searcher, num_samples = create_searcher(cfg, study_name=plan.name,
-                                            journal=journal_path(plan))
-    plan.num_samples = num_samples
-    unreachable = probe_tracking(plan.tracking_uri)
+    searcher, num_samples = create_searcher(cfg, study_name=manifest.name,
+                                            journal=journal_path(manifest))
+    manifest = manifest.replace(num_samples=num_samples)
+    unreachable = probe_tracking(manifest.tracking_uri)
     if unreachable:
         raise SweepInputError(unreachable)
-    _start_ray(plan.address)
-    has_gpu = _check_cluster(cfg, plan)
-    for key in ("fit_warning", "tracking_note"):
-        if key in plan.extra:
-            echo(("note: " if key == "tracking_note" else "warning: ") + plan.extra[key])
-    home = Path(plan.home)
+    session = prepare(cfg, manifest, echo)
+    home = Path(manifest.home)
     created = not home.exists()
     home.mkdir(parents=True, exist_ok=True)
     try:
@@ -545,33 +462,33 @@ def launch(cfg: SweepConfig, plan: Plan, *, echo: Echo = print,
         source = cfg.source_text.encode()
         sign_bytes(home, SWEEP_FILE, source)
         (home / SWEEP_FILE).write_bytes(source)
-        _start_tracking(cfg, plan)
-        plan.save()
+        manifest = _start_tracking(cfg, manifest)
+        manifest.save()
     except BaseException:
-        # A folder without its plan could be neither launched again nor resumed.
+        # A folder without its manifest could be neither launched again nor resumed.
         if created:
             shutil.rmtree(home, ignore_errors=True)
         raise
-    echo(f"sweep {plan.name}: {num_samples} trials -> {plan.experiment_path}")
-    echo(f"tracking: {plan.tracking_uri} (experiment '{plan.experiment}', run "
-         f"{plan.parent_run_id})")
-    results = _fit(cfg, plan, searcher, num_samples,
-                   _trainable(cfg, splits, has_gpu, plan, trainable), None, echo)
-    return _then_confirm(cfg, plan, finish(cfg, plan, results, echo=echo), echo)
+    echo(f"sweep {manifest.name}: {num_samples} trials -> {manifest.experiment_path}")
+    echo(f"tracking: {manifest.tracking_uri} (experiment '{manifest.experiment}', run "
+         f"{manifest.parent_run_id})")
+    results = _fit(cfg, manifest, searcher, num_samples,
+                   _trainable(cfg, session, trainable), None, echo)
+    return _then_confirm(cfg, manifest, finish(cfg, manifest, results, echo=echo), echo)
 
 
-def _then_confirm(cfg: SweepConfig, plan: Plan, summary: dict[str, Any], echo: Echo
+def _then_confirm(cfg: SweepConfig, manifest: Manifest, summary: dict[str, Any], echo: Echo
                   ) -> dict[str, Any]:
     """The sweep file's ``confirm:`` stage, once the search has finished (if it has one
     and it has not run yet)."""
-    if cfg.confirm is None or plan.extra.get("confirm"):
+    if cfg.confirm is None or manifest.confirm:
         return summary
     from orchestrator.confirm import ConfirmSpec
     from orchestrator.confirm_round import confirm
 
     echo("")
     spec = ConfirmSpec(**cfg.confirm.model_dump())
-    return {**summary, "confirm": confirm(plan.home, spec, echo=echo, address=plan.address)}
+    return {**summary, "confirm": confirm(manifest.home, spec, echo=echo, address=manifest.address)}
 
 
 @contextlib.contextmanager
@@ -643,23 +560,23 @@ def _tune_catches_sigint() -> bool:
         return True  # Tune itself would fail on such a value before fit starts
 
 
-def _run_tuner(tuner: Any, plan: Plan) -> Any:
+def _run_tuner(tuner: Any, manifest: Manifest) -> Any:
     """Run a sweep's Tuner (launch, extend, resume); Tune's ResultGrid.
 
     Raises :class:`SweepInterrupted` when a signal stopped it: the runs then stay
     RUNNING and nothing is ranked or registered until ``resume`` ends the sweep.
     """
-    with _explicit_loggers_only(), _sealed_after(plan):
+    with _explicit_loggers_only(), _sealed_after(manifest):
         results, interrupted = _fit_until_signal(tuner)
     if interrupted:
         raise SweepInterrupted(
             f"interrupted ({len(results)} trials of this run started); the state is saved: "
-            f"`wrnsweep resume {plan.home}` continues the sweep")
+            f"`wrnsweep resume {manifest.home}` continues the sweep")
     return results
 
 
 @contextlib.contextmanager
-def _sealed_after(plan: Plan) -> Iterator[None]:
+def _sealed_after(manifest: Manifest) -> Iterator[None]:
     """Sign everything Tune left in the sweep folder once fit returns, however it ends.
 
     Tune's snapshots were signed as they were taken (``trust.StateSigner``); this
@@ -674,27 +591,27 @@ def _sealed_after(plan: Plan) -> Iterator[None]:
         yield
     except BaseException:
         with contextlib.suppress(Exception):
-            sign_folder(plan.home, plan.experiment_path)
+            sign_folder(manifest.home, manifest.experiment_path)
         raise
-    sign_folder(plan.home, plan.experiment_path)
+    sign_folder(manifest.home, manifest.experiment_path)
 
 
-def _rounds(plan: Plan) -> list[tuple[str, str]]:
+def _rounds(manifest: Manifest) -> list[tuple[str, str]]:
     """``(Tune experiment path, run-map file)`` of each round: the launch, then extends."""
-    rounds = [(plan.experiment_path, RUNS_FILE)]
-    for name in plan.extra.get("rounds", []):
-        rounds.append((f"{plan.experiment_path}/{name}", f"mlflow-runs.{name}.json"))
+    rounds = [(manifest.experiment_path, RUNS_FILE)]
+    for name in manifest.rounds:
+        rounds.append((f"{manifest.experiment_path}/{name}", f"mlflow-runs.{name}.json"))
     return rounds
 
 
-def _fit(cfg: SweepConfig, plan: Plan, searcher: Any, num_samples: int, trainable: Any,
+def _fit(cfg: SweepConfig, manifest: Manifest, searcher: Any, num_samples: int, trainable: Any,
          round_: tuple[str, str] | None, echo: Echo,
          best_so_far: tuple[float, str] | None = None, *, scheduler: Any = None,
          metric: str | None = "") -> Any:
     """Build the Tuner of one round and run it; Tune's ResultGrid.
 
     ``scheduler``: the sweep file's when None. ``metric``: what Tune ranks and keeps
-    checkpoints by, the plan's when "" and nothing when None (a confirm round that
+    checkpoints by, the manifest's when "" and nothing when None (a confirm round that
     trains on train+val has no validation metric: the latest checkpoints are kept).
     """
     from ray import tune
@@ -702,11 +619,11 @@ def _fit(cfg: SweepConfig, plan: Plan, searcher: Any, num_samples: int, trainabl
     from orchestrator.search import create_scheduler
     from orchestrator.trust import sign_folder
 
-    path, runs_file = round_ or (plan.experiment_path, RUNS_FILE)
+    path, runs_file = round_ or (manifest.experiment_path, RUNS_FILE)
     storage, _, name = path.rpartition("/")
-    prefix = _round_prefix(plan, path)
-    metric = plan.metric if metric == "" else metric
-    mode = plan.mode if metric else None
+    prefix = _round_prefix(manifest, path)
+    metric = manifest.metric if metric == "" else metric
+    mode = manifest.mode if metric else None
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -720,7 +637,7 @@ def _fit(cfg: SweepConfig, plan: Plan, searcher: Any, num_samples: int, trainabl
         ),
         run_config=tune.RunConfig(
             name=name, storage_path=storage, verbose=0,
-            callbacks=_callbacks(cfg, plan, echo, runs_file, num_samples, best_so_far,
+            callbacks=_callbacks(cfg, manifest, echo, runs_file, num_samples, best_so_far,
                                  prefix),
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=CHECKPOINTS_TO_KEEP, checkpoint_score_attribute=metric,
@@ -730,13 +647,13 @@ def _fit(cfg: SweepConfig, plan: Plan, searcher: Any, num_samples: int, trainabl
         ),
     )
     # Tune wrote tuner.pkl as the Tuner was built: sign it before anything else runs.
-    sign_folder(plan.home, plan.experiment_path, only=[f"{prefix}tuner.pkl"])
-    return _run_tuner(tuner, plan)
+    sign_folder(manifest.home, manifest.experiment_path, only=[f"{prefix}tuner.pkl"])
+    return _run_tuner(tuner, manifest)
 
 
-def _round_prefix(plan: Plan, path: str) -> str:
+def _round_prefix(manifest: Manifest, path: str) -> str:
     """A round's folder inside the sweep's experiment folder: "" or "extend-N/"."""
-    base = plan.experiment_path.rstrip("/")
+    base = manifest.experiment_path.rstrip("/")
     return "" if path.rstrip("/") == base else path[len(base):].strip("/") + "/"
 
 
@@ -754,51 +671,51 @@ def extend(home: str, num_samples: int, *, echo: Echo = print,
     scheduler state): a new round's first trials reach a rung unopposed.
 
     The earlier rounds' Tune state is read (unpickled) only if this user's
-    wrnsweep signed it, or with ``trust`` (:func:`trusted_plan`).
+    wrnsweep signed it, or with ``trust`` (:func:`trusted_manifest`).
     """
     from orchestrator.search import create_searcher
 
     if num_samples < 1:
         raise SweepInputError(f"--num-samples must be >= 1, got {num_samples}")
-    plan = trusted_plan(home, "extend", vouch=trust, args=f" --num-samples {num_samples}")
+    manifest = trusted_manifest(home, "extend", vouch=trust, args=f" --num-samples {num_samples}")
     tracking_env()
-    cfg = load_sweep(Path(plan.home) / SWEEP_FILE)
+    cfg = load_sweep(Path(manifest.home) / SWEEP_FILE)
     if cfg.search.algorithm == "grid":
         raise SweepInputError(f"{home}: a grid sweep has run every point; extend needs a "
                               "tpe or random search")
     if address is not None:
-        plan.address = address
-    last_path, _ = _rounds(plan)[-1]
+        manifest = manifest.replace(address=address)
+    last_path, _ = _rounds(manifest)[-1]
     _require_finished(last_path)
-    _require_journal(plan, last_path)
+    _require_journal(manifest, last_path)
     cfg = with_num_samples(cfg, num_samples)
-    searcher, _ = create_searcher(cfg, study_name=plan.name, journal=journal_path(plan))
+    searcher, _ = create_searcher(cfg, study_name=manifest.name, journal=journal_path(manifest))
     # The Optuna study so far, from the journal, with the Tune -> Optuna trial map of
     # the last round. Searcher.restore_from_dir looks for the state file named by the
     # class it is called on: the OptunaSearch that the ConcurrencyLimiter wraps.
     searcher.searcher.restore_from_dir(last_path)
-    splits = _load_splits(cfg)
-    _start_ray(plan.address)
-    has_gpu = _check_cluster(cfg, plan)
-    name = f"extend-{len(plan.extra.get('rounds', [])) + 1}"
-    plan.extra.setdefault("rounds", []).append(name)
-    plan.num_samples += num_samples
-    # The parent run is RUNNING again before the plan names the new round: a driver
+    session = prepare(cfg, manifest, echo)
+    name = f"extend-{len(manifest.rounds) + 1}"
+    manifest = manifest.replace(rounds=(*manifest.rounds, name),
+                                num_samples=manifest.num_samples + num_samples)
+    # The parent run is RUNNING again before the manifest names the new round: a driver
     # killed in between leaves a sweep that resume finishes, not one it calls finished
-    # while the plan names a round that never ran.
-    client = _reopen_parent(plan, name, num_samples)
-    plan.save()
-    echo(f"extending sweep {plan.name} by {num_samples} trials -> {plan.experiment_path}/{name}"
-         f" (parent run {plan.parent_run_id}, {client.get_experiment(plan.experiment_id).name})")
-    earlier = client.get_run(plan.parent_run_id).data.metrics.get(f"best_{plan.metric}")
-    results = _fit(cfg, plan, searcher, num_samples, _trainable(cfg, splits, has_gpu, plan),
-                   _rounds(plan)[-1], echo,
+    # while the manifest names a round that never ran.
+    client = _reopen_parent(manifest, name, num_samples)
+    manifest.save()
+    experiment = client.get_experiment(manifest.experiment_id).name
+    echo(f"extending sweep {manifest.name} by {num_samples} trials -> "
+         f"{manifest.experiment_path}/{name} (parent run {manifest.parent_run_id}, {experiment})")
+    earlier = client.get_run(manifest.parent_run_id).data.metrics.get(f"best_{manifest.metric}")
+    results = _fit(cfg, manifest, searcher, num_samples, _trainable(cfg, session),
+                   _rounds(manifest)[-1], echo,
                    best_so_far=None if earlier is None else (earlier, "earlier rounds"))
-    return finish(cfg, plan, results, echo=echo)
+    return finish(cfg, manifest, results, echo=echo)
 
 
-def trusted_plan(home: str, command: str, *, vouch: bool = False, args: str = "") -> Plan:
-    """The plan of a sweep folder whose state this user's wrnsweep signed.
+def trusted_manifest(home: str, command: str, *, vouch: bool = False,
+                     args: str = "") -> Manifest:
+    """The manifest of a sweep folder whose state this user's wrnsweep signed.
 
     ``command`` (resume, extend) and its other ``args`` make the command line that
     a refusal suggests with ``--trust``.
@@ -815,48 +732,48 @@ def trusted_plan(home: str, command: str, *, vouch: bool = False, args: str = ""
         if vouch:
             sign_folder(home, None, own=[META_FILE])
         check_folder(home, None, own=[META_FILE])
-        plan = Plan.load(home)
+        manifest = Manifest.load(home)
         if vouch:
-            sign_folder(plan.home, plan.experiment_path, own=[SWEEP_FILE])
-        check_folder(plan.home, plan.experiment_path, own=[SWEEP_FILE])
+            sign_folder(manifest.home, manifest.experiment_path, own=[SWEEP_FILE])
+        check_folder(manifest.home, manifest.experiment_path, own=[SWEEP_FILE])
     except UntrustedFile as err:
         raise SweepInputError(
             f"{err}. {command} unpickles Tune's state from the folder, which runs any code in "
             f"it, so it reads only what this user's wrnsweep signed; `wrnsweep {command} "
             f"--trust {home}{args}` continues a folder you vouch for") from None
-    except TrustError as err:
+    except (TrustError, ManifestError) as err:
         raise SweepInputError(str(err)) from None
-    return plan
+    return manifest
 
 
-def _require_journal(plan: Plan, experiment_path: str) -> None:
+def _require_journal(manifest: Manifest, experiment_path: str) -> None:
     """Refuse a sweep whose Optuna study is a pickle (written by an earlier wrnsweep)."""
-    if Path(journal_path(plan)).is_file() or is_uri(experiment_path):
+    if Path(journal_path(manifest)).is_file() or is_uri(experiment_path):
         return
     if list(Path(experiment_path).glob("searcher-state-*.pkl")):
         raise SweepInputError(
-            f"{plan.home}: the Optuna study of this sweep is a pickle (written by an earlier "
+            f"{manifest.home}: the Optuna study of this sweep is a pickle (written by an earlier "
             "wrnsweep, before the study was kept as a journal); continue it with that version")
 
 
-def _finished_status(plan: Plan) -> str | None:
+def _finished_status(manifest: Manifest) -> str | None:
     """FINISHED when ``finish`` completed the sweep; None while there is more to do.
 
     ``finish`` ends the parent run as its last step, and ``extend`` sets it RUNNING
-    before the plan names a new round, so a FINISHED parent run means every round ran
+    before the manifest names a new round, so a FINISHED parent run means every round ran
     and was ranked. FAILED (no trial produced a model) is not finished: resume runs
     the errored trials again (``resume_errored``), e.g. after a fix. A local store
     that is gone is refused, not made again, empty.
     """
     from orchestrator.tracking import local_store_path, mlflow_client
 
-    store = local_store_path(plan.tracking_uri)
+    store = local_store_path(manifest.tracking_uri)
     if store is not None and not store.exists():
-        raise SweepInputError(f"{plan.tracking_uri}: the sweep's tracking store is gone "
+        raise SweepInputError(f"{manifest.tracking_uri}: the sweep's tracking store is gone "
                               f"({store} does not exist)")
-    if not plan.parent_run_id:
+    if not manifest.parent_run_id:
         return None
-    status = mlflow_client(plan.tracking_uri).get_run(plan.parent_run_id).info.status
+    status = mlflow_client(manifest.tracking_uri).get_run(manifest.parent_run_id).info.status
     return status if status == "FINISHED" else None
 
 
@@ -874,16 +791,16 @@ def _require_finished(experiment_path: str) -> None:
             f"`wrnsweep resume` the sweep first")
 
 
-def _reopen_parent(plan: Plan, round_name: str, num_samples: int) -> Any:
+def _reopen_parent(manifest: Manifest, round_name: str, num_samples: int) -> Any:
     """The parent run is RUNNING again while trials are added (MLflow params are fixed,
     so the new totals go into tags)."""
     from orchestrator.tracking import mlflow_client
 
-    client = mlflow_client(plan.tracking_uri)
-    assert plan.parent_run_id
-    client.update_run(plan.parent_run_id, status="RUNNING")
-    client.set_tag(plan.parent_run_id, "wrnsweep.num_samples", str(plan.num_samples))
-    client.set_tag(plan.parent_run_id, f"wrnsweep.{round_name}", str(num_samples))
+    client = mlflow_client(manifest.tracking_uri)
+    assert manifest.parent_run_id
+    client.update_run(manifest.parent_run_id, status="RUNNING")
+    client.set_tag(manifest.parent_run_id, "wrnsweep.num_samples", str(manifest.num_samples))
+    client.set_tag(manifest.parent_run_id, f"wrnsweep.{round_name}", str(num_samples))
     return client
 
 
@@ -895,48 +812,46 @@ def resume(home: str, *, echo: Echo = print, address: str | None = None,
     A sweep that has finished (its parent run FINISHED: ``finish`` ran to the
     end) is left as it is: nothing is started, registered or changed.
     Tune's pickled state is read only if this user's wrnsweep signed it, or with
-    ``trust`` (:func:`trusted_plan`).
+    ``trust`` (:func:`trusted_manifest`).
     """
     from ray import tune
 
-    plan = trusted_plan(home, "resume", vouch=trust)
+    manifest = trusted_manifest(home, "resume", vouch=trust)
     tracking_env()
-    pending = plan.extra.get("confirm")
-    if pending and not pending.get("done"):  # a confirm round (orchestrator.confirm)
+    if address is not None:
+        manifest = manifest.replace(address=address)
+    if manifest.confirm and not manifest.confirm.get("done"):  # orchestrator.confirm
         from orchestrator.confirm_round import resume_confirm
 
-        return resume_confirm(plan, echo=echo, address=address)
-    path, _ = _rounds(plan)[-1]
-    cfg = load_sweep(Path(plan.home) / SWEEP_FILE)
-    if address is not None:
-        plan.address = address
-    status = _finished_status(plan)
-    if status is not None and cfg.confirm is not None and not plan.extra.get("confirm"):
+        return resume_confirm(manifest, echo=echo)
+    path, _ = _rounds(manifest)[-1]
+    cfg = load_sweep(Path(manifest.home) / SWEEP_FILE)
+    status = _finished_status(manifest)
+    if status is not None and cfg.confirm is not None and not manifest.confirm:
         # The search finished and its driver stopped before the confirm stage began.
-        return _then_confirm(cfg, plan, {"resumed": False, "status": status}, echo)
+        return _then_confirm(cfg, manifest, {"resumed": False, "status": status}, echo)
     if status is not None:
-        echo(f"sweep {plan.name} has finished (parent run {plan.parent_run_id}): nothing "
-             f"to resume; `wrnsweep extend {home} --num-samples N` adds trials")
+        echo(f"sweep {manifest.name} has finished (parent run {manifest.parent_run_id}): "
+             f"nothing to resume; `wrnsweep extend {home} --num-samples N` adds trials")
         return {"resumed": False, "status": status}
     if not tune.Tuner.can_restore(path):
         raise SweepInputError(f"{path}: no Tune experiment state to resume")
-    _require_journal(plan, path)
-    splits = _load_splits(cfg)
-    _start_ray(plan.address)
-    has_gpu = _check_cluster(cfg, plan)
-    echo(f"resuming sweep {plan.name} from {path}")
+    _require_journal(manifest, path)
+    session = prepare(cfg, manifest, echo)
+    echo(f"resuming sweep {manifest.name} from {path}")
     # A trial resumed from its last checkpoint may report again an epoch that Optuna
     # was told before the driver stopped: Optuna keeps the first value, and says so.
     warnings.filterwarnings("ignore", category=UserWarning,
                             message=r"The reported value is ignored because this `?step")
     # The trainable must be wrapped exactly as at launch (resources, dataset).
-    tuner = tune.Tuner.restore(path, trainable=_trainable(cfg, splits, has_gpu, plan),
+    tuner = tune.Tuner.restore(path, trainable=_trainable(cfg, session),
                                resume_unfinished=True, resume_errored=True)
-    _here_now(tuner, cfg, plan, echo, path)
-    return _then_confirm(cfg, plan, finish(cfg, plan, _run_tuner(tuner, plan), echo=echo), echo)
+    _here_now(tuner, cfg, manifest, echo, path)
+    summary = finish(cfg, manifest, _run_tuner(tuner, manifest), echo=echo)
+    return _then_confirm(cfg, manifest, summary, echo)
 
 
-def _here_now(tuner: Any, cfg: SweepConfig, plan: Plan, echo: Echo, path: str) -> None:
+def _here_now(tuner: Any, cfg: SweepConfig, manifest: Manifest, echo: Echo, path: str) -> None:
     """Point a restored Tuner's callbacks, searcher and new trials at the folder's place now.
 
     Tune restores the callbacks and the searcher pickled at launch, and they name
@@ -949,14 +864,14 @@ def _here_now(tuner: Any, cfg: SweepConfig, plan: Plan, echo: Echo, path: str) -
     local = getattr(tuner, "_local_tuner", None)
     if local is None:
         return
-    runs_file = next(runs for round_path, runs in _rounds(plan) if round_path == path)
+    runs_file = next(runs for round_path, runs in _rounds(manifest) if round_path == path)
     from orchestrator.relocate import trials_here
 
-    local.get_run_config().callbacks = _callbacks(cfg, plan, echo, runs_file,
-                                                  prefix=_round_prefix(plan, path))
+    local.get_run_config().callbacks = _callbacks(cfg, manifest, echo, runs_file,
+                                                  prefix=_round_prefix(manifest, path))
     local._tune_config.scheduler = trials_here(local._tune_config.scheduler, path)
     search_alg = local._tune_config.search_alg
-    getattr(search_alg, "searcher", search_alg).use_journal(journal_path(plan))
+    getattr(search_alg, "searcher", search_alg).use_journal(journal_path(manifest))
 
 
 # -- after the sweep ------------------------------------------------------------------------
@@ -968,27 +883,28 @@ def _best_value(result: Any, metric: str, mode: str) -> float | None:
     return float(series.max() if mode == "max" else series.min())
 
 
-def _round_results(path: str, plan: Plan) -> Any:
+def _round_results(path: str, manifest: Manifest) -> Any:
     """Tune's results of a finished round, read from its folder."""
     from ray import tune
 
-    return tune.ResultGrid(tune.ExperimentAnalysis(path, default_metric=plan.metric,
-                                                   default_mode=plan.mode))
+    return tune.ResultGrid(tune.ExperimentAnalysis(path, default_metric=manifest.metric,
+                                                   default_mode=manifest.mode))
 
 
-def finish(cfg: SweepConfig, plan: Plan, results: Any, *, echo: Echo = print) -> dict[str, Any]:
+def finish(cfg: SweepConfig, manifest: Manifest, results: Any, *,
+           echo: Echo = print) -> dict[str, Any]:
     """Close the runs, register the top-k, print the leaderboard."""
     from orchestrator.registry import CHAMPION, Candidate, register
     from orchestrator.tracking import BufferedWriter, load_run_map, mlflow_client, reconcile_runs
 
-    client = mlflow_client(plan.tracking_uri)
+    client = mlflow_client(manifest.tracking_uri)
     # Every round's results, the one just run last (an extended sweep ranks them all).
-    rounds = _rounds(plan)
-    results = [*(r for path, _ in rounds[:-1] for r in _round_results(path, plan)), *results]
+    rounds = _rounds(manifest)
+    results = [*(r for path, _ in rounds[:-1] for r in _round_results(path, manifest)), *results]
     outcomes = {(r.metrics or {}).get("trial_id"): "error" if r.error else "ok" for r in results}
     runs: dict[str, dict[str, Any]] = {}
     for _, runs_name in rounds:
-        round_runs = load_run_map(Path(plan.home) / runs_name)
+        round_runs = load_run_map(Path(manifest.home) / runs_name)
         reconcile_runs(client, round_runs, outcomes, BufferedWriter(echo=echo))
         runs.update(round_runs)
 
@@ -997,50 +913,50 @@ def finish(cfg: SweepConfig, plan: Plan, results: Any, *, echo: Echo = print) ->
         trial_id = (result.metrics or {}).get("trial_id")
         if result.error or trial_id not in runs or runs[trial_id].get("run_id") is None:
             continue
-        score = _best_value(result, plan.metric, plan.mode)
-        checkpoint = result.get_best_checkpoint(plan.metric, plan.mode)
+        score = _best_value(result, manifest.metric, manifest.mode)
+        checkpoint = result.get_best_checkpoint(manifest.metric, manifest.mode)
         if score is None or checkpoint is None or (result.metrics or {}).get("diverged"):
             continue
         candidates.append((score, trial_id, checkpoint, result))
-    reverse = plan.mode == "max"
+    reverse = manifest.mode == "max"
     candidates.sort(key=lambda c: c[0], reverse=reverse)
 
     from trainables.engine import load_checkpoint
 
     chosen = []
-    for score, trial_id, checkpoint, result in candidates[: plan.top_k]:
+    for score, trial_id, checkpoint, result in candidates[: manifest.top_k]:
         with checkpoint.as_directory() as folder:
             state = load_checkpoint(folder)
         chosen.append(Candidate(run_id=runs[trial_id]["run_id"], trial_id=trial_id,
                                 score=score, config=result.config, state=state,
                                 test_acc=(result.metrics or {}).get("test_acc")))
     sweep_run_ids = {entry["run_id"] for entry in runs.values() if entry.get("run_id")}
-    versions = register(client, plan.registered_model, chosen, metric=plan.metric,
+    versions = register(client, manifest.registered_model, chosen, metric=manifest.metric,
                         sweep_run_ids=sweep_run_ids, echo=echo) if chosen else []
     errors = sum(1 for r in results if r.error)
     status = "FINISHED" if chosen else "FAILED"
-    if plan.parent_run_id:
-        client.log_metric(plan.parent_run_id, "trials", len(results))
-        client.log_metric(plan.parent_run_id, "trials_failed", errors)
+    if manifest.parent_run_id:
+        client.log_metric(manifest.parent_run_id, "trials", len(results))
+        client.log_metric(manifest.parent_run_id, "trials_failed", errors)
         if chosen:
-            client.log_metric(plan.parent_run_id, f"best_{plan.metric}", chosen[0].score)
-        client.set_terminated(plan.parent_run_id, status=status)
+            client.log_metric(manifest.parent_run_id, f"best_{manifest.metric}", chosen[0].score)
+        client.set_terminated(manifest.parent_run_id, status=status)
 
     from orchestrator.leaderboard import format_table, leaderboard
 
-    rows = leaderboard(client, plan)
+    rows = leaderboard(client, manifest)
     echo("")
-    echo(format_table(rows, plan.metric))
+    echo(format_table(rows, manifest.metric))
     summary: dict[str, Any] = {"trials": len(results), "errors": errors, "rows": rows,
                                "versions": [v.version for v in versions]}
     if versions:
-        uri = f"models:/{plan.registered_model}@{CHAMPION}"
+        uri = f"models:/{manifest.registered_model}@{CHAMPION}"
         summary["champion"] = uri
-        echo(f"\nregistered {len(versions)} version(s) of '{plan.registered_model}'; "
-             f"best: {uri} (tracking {plan.tracking_uri})")
+        echo(f"\nregistered {len(versions)} version(s) of '{manifest.registered_model}'; "
+             f"best: {uri} (tracking {manifest.tracking_uri})")
     else:
         raise SweepError(f"no trial produced a model ({errors} of {len(results)} failed); "
-                         f"see {plan.experiment_path}")
+                         f"see {manifest.experiment_path}")
     if not math.isfinite(chosen[0].score):
         echo("warning: the best score is not finite")
     return summary

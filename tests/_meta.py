@@ -1,4 +1,4 @@
-"""A sweep folder's plan as the tests read it: through the one loader the commands use."""
+"""A sweep folder's manifest as the tests read it: through the one loader the commands use."""
 
 from __future__ import annotations
 
@@ -9,6 +9,6 @@ from typing import Any
 
 def sweep_meta(home: str | Path) -> dict[str, Any]:
     """wrnsweep.json resolved at the folder's present location (absolute paths)."""
-    from orchestrator.sweep import Plan
+    from orchestrator.manifest import Manifest
 
-    return asdict(Plan.load(home))
+    return asdict(Manifest.load(home))

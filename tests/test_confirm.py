@@ -12,8 +12,8 @@ killed with SIGKILL mid-round and then resumed.
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import signal
 import subprocess

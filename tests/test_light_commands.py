@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.manifest import Manifest
 from orchestrator.store import PARENT_TAG, mlflow_client
-from orchestrator.sweep import Plan
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = {"ray", "optuna", "torch"}
@@ -57,7 +57,7 @@ def sweep_folder(tmp_path: Path) -> Path:
         client.log_param(run, "arch", name.split("-")[0])
         client.log_metric(run, "best_val_acc", best)
         client.set_terminated(run)
-    Plan(name="light", sweep_file="", storage_path=str(home.parent), home=str(home),
+    Manifest(name="light", sweep_file="", storage_path=str(home.parent), home=str(home),
          tracking_uri=uri, experiment="light", registered_model="light", address=None,
          metric="val_acc", mode="max", num_samples=2, top_k=1, experiment_id=exp,
          parent_run_id=parent).save()

@@ -120,13 +120,13 @@ def test_oom_retries_with_the_next_share(tmp_path) -> None:
     from ray import tune
 
     from orchestrator.config import load_sweep
-    from orchestrator.sweep import launch, make_plan
+    from orchestrator.sweep import launch, make_manifest
 
     sweep = tmp_path / "auto.yaml"
     sweep.write_text(AUTO_SWEEP.replace("  resnet:\n    depth: {choices: [8, 14]}\n", "")
                      .replace("width: {low: 1, high: 2}", "width: 1"))
     cfg = load_sweep(sweep)
-    plan = make_plan(cfg, sweep_file=str(sweep), storage=str(tmp_path / "runs"))
+    plan = make_manifest(cfg, sweep_file=str(sweep), storage=str(tmp_path / "runs"))
     lines: list[str] = []
     ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False,
              runtime_env={"env_vars": {"WRNSWEEP_OOM_BELOW_SHARE": "0.5"}})

@@ -9,21 +9,22 @@ versions (absolute paths), and the store's relocation on a real SQLite MLflow st
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 
+from orchestrator.manifest import FORMAT, META_FILE, Manifest, ManifestError
 from orchestrator.store import relocate_store
-from orchestrator.sweep import META_FILE, Plan
 
 
-def _plan(home: Path, **fields) -> Plan:
+def _plan(home: Path, **fields) -> Manifest:
     values = dict(name="p", sweep_file="/somewhere/p.yaml", storage_path=str(home.parent),
                   home=str(home), tracking_uri=f"sqlite:///{home / 'mlflow.db'}",
                   experiment="p", registered_model="p", address=None, metric="val_acc",
                   mode="max", num_samples=4, top_k=1, experiment_id="1", parent_run_id="abc")
-    return Plan(**{**values, **fields})
+    return Manifest(**{**values, **fields})
 
 
 def test_the_plan_is_saved_with_paths_relative_to_its_folder(tmp_path: Path) -> None:
@@ -37,7 +38,7 @@ def test_the_plan_is_saved_with_paths_relative_to_its_folder(tmp_path: Path) -> 
     moved = tmp_path / "elsewhere" / "renamed"
     moved.parent.mkdir()
     home.rename(moved)
-    plan = Plan.load(moved)
+    plan = Manifest.load(moved)
     assert plan.home == str(moved) and plan.storage_path == str(moved.parent)
     assert plan.tracking_uri == f"sqlite:///{moved / 'mlflow.db'}"
     assert plan.experiment_path == str(moved)  # the folder under its present name
@@ -49,7 +50,7 @@ def test_a_server_store_and_uri_storage_stay_as_given(tmp_path: Path) -> None:
     saved = json.loads((home / META_FILE).read_text())
     assert saved["tracking_uri"] == "http://127.0.0.1:5000"
     assert saved["storage_path"] == "s3://bucket/sweeps"
-    plan = Plan.load(home)
+    plan = Manifest.load(home)
     assert plan.experiment_path == "s3://bucket/sweeps/p"
 
 
@@ -64,10 +65,35 @@ def test_a_folder_saved_with_absolute_paths_loads_where_it_is_now(tmp_path: Path
         "experiment": "p", "registered_model": "p", "address": None, "metric": "val_acc",
         "mode": "max", "num_samples": 4, "top_k": 1, "experiment_id": "1",
         "parent_run_id": "abc", "extra": {"rounds": ["extend-1"]}}))
-    plan = Plan.load(new)
+    plan = Manifest.load(new)
     assert plan.home == str(new) and plan.storage_path == str(tmp_path)
     assert plan.tracking_uri == f"sqlite:///{new / 'mlflow.db'}"
-    assert plan.extra == {"rounds": ["extend-1"]}
+    assert plan.rounds == ("extend-1",) and plan.confirm is None
+
+
+def test_the_manifest_round_trips_and_is_versioned(tmp_path: Path) -> None:
+    home = tmp_path / "runs" / "p"
+    record = _plan(home, rounds=("extend-1", "extend-2"),
+                   confirm={"round": "confirm-1", "done": True})
+    record.save()
+    assert json.loads((home / META_FILE).read_text())["format"] == FORMAT
+    assert Manifest.load(home) == record
+    with pytest.raises(Exception, match="cannot assign"):
+        record.num_samples = 9  # type: ignore[misc]  # frozen: a step returns a new one
+    assert record.replace(num_samples=9).num_samples == 9 and record.num_samples == 4
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("{not json", "unreadable"),
+    ("[1, 2]", "not a sweep record"),
+    ('{"format": 99, "name": "p"}', "format 99 is newer than this wrnsweep reads"),
+    ('{"format": 2, "name": "p"}', "missing"),
+    ('{"format": 2, "name": "p", "colour": "red"}', "unknown field(s) colour"),
+])
+def test_a_broken_record_is_one_clear_error(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / META_FILE).write_text(text)
+    with pytest.raises(ManifestError, match=re.escape(message)):
+        Manifest.load(tmp_path)
 
 
 @pytest.fixture()

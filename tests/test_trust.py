@@ -27,7 +27,7 @@ from optuna.trial import TrialState
 from orchestrator import trust
 from orchestrator.config import load_sweep
 from orchestrator.search import JOURNAL_FILE, create_searcher, restored_seed
-from orchestrator.sweep import META_FILE, SWEEP_FILE, make_plan, trusted_plan
+from orchestrator.sweep import META_FILE, SWEEP_FILE, make_manifest, trusted_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 TWO_ARCH = ROOT / "tests" / "sweeps" / "two_arch.yaml"
@@ -163,8 +163,8 @@ class _CreatesFile:
 def _signed_sweep_folder(tmp_path: Path) -> Path:
     """A sweep folder as launch leaves it: plan and sweep file signed by this user."""
     cfg = load_sweep(TWO_ARCH)
-    plan = make_plan(cfg, sweep_file=str(TWO_ARCH), storage=str(tmp_path / "runs"))
-    plan.experiment_id, plan.parent_run_id = "1", "0" * 32
+    plan = make_manifest(cfg, sweep_file=str(TWO_ARCH), storage=str(tmp_path / "runs"))
+    plan = plan.replace(experiment_id="1", parent_run_id="0" * 32)
     plan.save()  # signs wrnsweep.json
     source = cfg.source_text.encode()
     trust.sign_bytes(plan.home, SWEEP_FILE, source)
@@ -223,7 +223,7 @@ def test_a_changed_plan_is_refused(tmp_path: Path) -> None:
     meta["address"] = "203.0.113.9:6379"
     (home / META_FILE).write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"wrnsweep\.json: changed since .*--trust"):
-        trusted_plan(str(home), "resume")
+        trusted_manifest(str(home), "resume")
 
 
 def test_trust_signs_the_folder_as_it_is_without_loading_it(tmp_path: Path) -> None:
@@ -233,10 +233,10 @@ def test_trust_signs_the_folder_as_it_is_without_loading_it(tmp_path: Path) -> N
     marker = tmp_path / "pwned"
     (home / "tuner.pkl").write_bytes(_payload("tuner.pkl", marker))
     with pytest.raises(ValueError, match="--trust"):
-        trusted_plan(str(home), "resume")
-    plan = trusted_plan(str(home), "resume", vouch=True)
+        trusted_manifest(str(home), "resume")
+    plan = trusted_manifest(str(home), "resume", vouch=True)
     assert plan.home == str(home)
-    trusted_plan(str(home), "resume")  # signed now
+    trusted_manifest(str(home), "resume")  # signed now
     assert not marker.exists()
 
 
