@@ -235,15 +235,18 @@ def _final(run: Any) -> dict[str, Any]:
 def finish(manifest: Manifest, state: dict[str, Any], results: Any, *,
            echo: Echo = print) -> dict[str, Any]:
     """Close the round's runs, log the statistics, register the champion, print the table."""
+    from orchestrator.runmap import load_run_map, reconcile_runs
     from orchestrator.store import mlflow_client
-    from orchestrator.tracking import BufferedWriter, load_run_map, reconcile_runs
+    from orchestrator.tracking import BufferedWriter
 
     client = mlflow_client(manifest.tracking_uri)
     _, runs_file = _paths(manifest, state)
     outcomes = {(r.metrics or {}).get("trial_id"): "error" if r.error else "ok"
                 for r in results}
+    writer = BufferedWriter(echo=echo)
     reconcile_runs(client, load_run_map(Path(manifest.home) / runs_file), outcomes,
-                   BufferedWriter(echo=echo))
+                   writer.submit)
+    writer.close()
     finished = [_final(r) for r in _runs_of(client, manifest, state["round"])
                 if r.info.status == "FINISHED"]
     summary = summary_of(state, finished, manifest)
@@ -281,7 +284,8 @@ def summary_of(state: dict[str, Any], finished: list[dict[str, Any]], manifest: 
     epochs = state["epochs"]
     return {"round": state["round"], "seeds": len(state["seeds"]), "train_on": state["train_on"],
             "metric": manifest.metric, "configs": configs,
-            "epochs_text": f"{epochs} epochs" if epochs else "each configuration's epochs",
+            "epochs_text": (f"{epochs} epoch{'s' if epochs != 1 else ''}" if epochs
+                            else "each configuration's epochs"),
             "champion": champion_config(configs, state["train_on"])}
 
 

@@ -21,6 +21,7 @@ def leaderboard(client: Any, manifest: Any, *, top: int | None = None) -> list[d
     is under its own name, ``best_<metric>`` (e.g. ``best_val_acc``).
     """
     from orchestrator.confirm import ROUND_TAG
+    from orchestrator.runmap import status_label
     from orchestrator.store import PARENT_TAG
     from trainables.models.registry import hparam_names
 
@@ -34,9 +35,7 @@ def leaderboard(client: Any, manifest: Any, *, top: int | None = None) -> list[d
         p, m, t = run.data.params, run.data.metrics, run.data.tags
         if ROUND_TAG in t:
             continue  # a confirm run: the search's ranking is of the search's trials
-        status = run.info.status
-        if t.get("wrnsweep.pruned") == "true":
-            status = f"PRUNED@{t.get('wrnsweep.stopped_at_epoch', '?')}"
+        status = status_label(run.info.status, t)
         row: dict[str, Any] = {"run": run.info.run_name, "run_id": run.info.run_id,
                                "arch": p.get("arch")}
         row.update({n: param_value(p[n]) for n in hparam_names()

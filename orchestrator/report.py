@@ -617,9 +617,12 @@ def render_html(*, manifest: Any, dataset: str | None, trials: Sequence[Trial],
                 importances: Sequence[Importance], figures: dict[str, Path | None],
                 confirmed: dict[str, Any] | None = None) -> str:
     """The whole page: text, tables and the figures inlined as base64 PNG."""
+    from orchestrator.runmap import status_kind
+
     by_status: dict[str, int] = {}
     for t in trials:
-        by_status[t.status.split("@")[0]] = by_status.get(t.status.split("@")[0], 0) + 1
+        kind = status_kind(t.status)
+        by_status[kind] = by_status.get(kind, 0) + 1
     total_gpu = sum(t.gpu_hours for t in trials)
     meta = [("sweep", manifest.name), ("tracking", manifest.tracking_uri),
             ("experiment / parent run", f"{manifest.experiment} / {manifest.parent_run_id}"),

@@ -36,6 +36,7 @@ from typing import Any
 from orchestrator.config import SweepConfig, load_sweep
 from orchestrator.manifest import MANIFEST_ARTIFACT, META_FILE, Manifest, ManifestError, is_uri
 from orchestrator.preflight import probe_tracking
+from orchestrator.runmap import PRUNED, status_kind
 from orchestrator.store import tracking_env
 
 RUNS_FILE = "mlflow-runs.json"
@@ -875,14 +876,6 @@ def _here_now(tuner: Any, cfg: SweepConfig, manifest: Manifest, echo: Echo, path
 
 
 # -- after the sweep ------------------------------------------------------------------------
-def _best_value(result: Any, metric: str, mode: str) -> float | None:
-    df = result.metrics_dataframe
-    if df is None or metric not in df or df[metric].dropna().empty:
-        return None
-    series = df[metric].dropna()
-    return float(series.max() if mode == "max" else series.min())
-
-
 def _round_results(path: str, manifest: Manifest) -> Any:
     """Tune's results of a finished round, read from its folder."""
     from ray import tune
@@ -893,70 +886,104 @@ def _round_results(path: str, manifest: Manifest) -> Any:
 
 def finish(cfg: SweepConfig, manifest: Manifest, results: Any, *,
            echo: Echo = print) -> dict[str, Any]:
-    """Close the runs, register the top-k, print the leaderboard."""
-    from orchestrator.registry import CHAMPION, Candidate, register
-    from orchestrator.tracking import BufferedWriter, load_run_map, mlflow_client, reconcile_runs
+    """The steps after a search round: reconcile, rank, register, close, show.
+
+    Every round's trials are ranked together (an extended sweep), by the one
+    ranking ``best`` and ``report`` show: MLflow's (:func:`leaderboard.leaderboard`).
+    """
+    from orchestrator.leaderboard import format_table, leaderboard
+    from orchestrator.registry import CHAMPION, register
+    from orchestrator.store import mlflow_client
 
     client = mlflow_client(manifest.tracking_uri)
-    # Every round's results, the one just run last (an extended sweep ranks them all).
     rounds = _rounds(manifest)
     results = [*(r for path, _ in rounds[:-1] for r in _round_results(path, manifest)), *results]
-    outcomes = {(r.metrics or {}).get("trial_id"): "error" if r.error else "ok" for r in results}
-    runs: dict[str, dict[str, Any]] = {}
-    for _, runs_name in rounds:
-        round_runs = load_run_map(Path(manifest.home) / runs_name)
-        reconcile_runs(client, round_runs, outcomes, BufferedWriter(echo=echo))
-        runs.update(round_runs)
-
-    candidates = []
-    for result in results:
-        trial_id = (result.metrics or {}).get("trial_id")
-        if result.error or trial_id not in runs or runs[trial_id].get("run_id") is None:
-            continue
-        score = _best_value(result, manifest.metric, manifest.mode)
-        checkpoint = result.get_best_checkpoint(manifest.metric, manifest.mode)
-        if score is None or checkpoint is None or (result.metrics or {}).get("diverged"):
-            continue
-        candidates.append((score, trial_id, checkpoint, result))
-    reverse = manifest.mode == "max"
-    candidates.sort(key=lambda c: c[0], reverse=reverse)
-
-    from trainables.engine import load_checkpoint
-
-    chosen = []
-    for score, trial_id, checkpoint, result in candidates[: manifest.top_k]:
-        with checkpoint.as_directory() as folder:
-            state = load_checkpoint(folder)
-        chosen.append(Candidate(run_id=runs[trial_id]["run_id"], trial_id=trial_id,
-                                score=score, config=result.config, state=state,
-                                test_acc=(result.metrics or {}).get("test_acc")))
-    sweep_run_ids = {entry["run_id"] for entry in runs.values() if entry.get("run_id")}
+    runs = reconcile(client, manifest, results, echo)
+    rows = leaderboard(client, manifest)
+    chosen = _candidates(rank(rows, manifest.metric), runs, results, manifest)
+    sweep_run_ids = {entry.run_id for entry in runs.values() if entry.run_id}
     versions = register(client, manifest.registered_model, chosen, metric=manifest.metric,
                         sweep_run_ids=sweep_run_ids, echo=echo) if chosen else []
     errors = sum(1 for r in results if r.error)
-    status = "FINISHED" if chosen else "FAILED"
-    if manifest.parent_run_id:
-        client.log_metric(manifest.parent_run_id, "trials", len(results))
-        client.log_metric(manifest.parent_run_id, "trials_failed", errors)
-        if chosen:
-            client.log_metric(manifest.parent_run_id, f"best_{manifest.metric}", chosen[0].score)
-        client.set_terminated(manifest.parent_run_id, status=status)
-
-    from orchestrator.leaderboard import format_table, leaderboard
-
-    rows = leaderboard(client, manifest)
+    _close_parent(client, manifest, len(results), errors,
+                  chosen[0].score if chosen else None)
     echo("")
-    echo(format_table(rows, manifest.metric))
-    summary: dict[str, Any] = {"trials": len(results), "errors": errors, "rows": rows,
-                               "versions": [v.version for v in versions]}
-    if versions:
-        uri = f"models:/{manifest.registered_model}@{CHAMPION}"
-        summary["champion"] = uri
-        echo(f"\nregistered {len(versions)} version(s) of '{manifest.registered_model}'; "
-             f"best: {uri} (tracking {manifest.tracking_uri})")
-    else:
+    echo(format_table(leaderboard(client, manifest), manifest.metric))
+    if not versions:
         raise SweepError(f"no trial produced a model ({errors} of {len(results)} failed); "
                          f"see {manifest.experiment_path}")
+    uri = f"models:/{manifest.registered_model}@{CHAMPION}"
+    echo(f"\nregistered {len(versions)} version(s) of '{manifest.registered_model}'; "
+         f"best: {uri} (tracking {manifest.tracking_uri})")
     if not math.isfinite(chosen[0].score):
         echo("warning: the best score is not finite")
-    return summary
+    return {"trials": len(results), "errors": errors, "rows": rows,
+            "versions": [v.version for v in versions], "champion": uri}
+
+
+def reconcile(client: Any, manifest: Manifest, results: Any, echo: Echo) -> dict[str, Any]:
+    """Close what a killed driver left RUNNING, in every round; trial id -> run entry."""
+    from orchestrator.runmap import load_run_map, reconcile_runs
+    from orchestrator.tracking import BufferedWriter
+
+    outcomes = {(r.metrics or {}).get("trial_id"): "error" if r.error else "ok" for r in results}
+    runs = {}
+    for _, runs_name in _rounds(manifest):
+        round_runs = load_run_map(Path(manifest.home) / runs_name)
+        writer = BufferedWriter(echo=echo)
+        reconcile_runs(client, round_runs, outcomes, writer.submit)
+        writer.close()
+        runs.update(round_runs)
+    return runs
+
+
+# What may be registered: a trial that ran to its end or that the scheduler stopped,
+# with a finite score (not one that failed or diverged: FAILED).
+REGISTRABLE = ("FINISHED", PRUNED)
+
+
+def rank(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """The leaderboard's rows that may be registered, best first (its order)."""
+    from orchestrator.leaderboard import best_key
+
+    score = best_key(metric)
+    return [row for row in rows if status_kind(row["status"]) in REGISTRABLE
+            and isinstance(row.get(score), int | float) and math.isfinite(row[score])]
+
+
+def _candidates(ranked: list[dict[str, Any]], runs: dict[str, Any], results: Any,
+                manifest: Manifest) -> list[Any]:
+    """The first ``top_k`` ranked trials that have a checkpoint, with its weights."""
+    from orchestrator.leaderboard import best_key
+    from orchestrator.registry import Candidate
+    from trainables.engine import load_checkpoint
+
+    trial_of = {entry.run_id: trial_id for trial_id, entry in runs.items() if entry.run_id}
+    result_of = {(r.metrics or {}).get("trial_id"): r for r in results if not r.error}
+    chosen = []
+    for row in ranked:
+        result = result_of.get(trial_of.get(row["run_id"]))
+        checkpoint = result and result.get_best_checkpoint(manifest.metric, manifest.mode)
+        if checkpoint is None:
+            continue
+        with checkpoint.as_directory() as folder:
+            state = load_checkpoint(folder)
+        chosen.append(Candidate(run_id=row["run_id"], trial_id=trial_of[row["run_id"]],
+                                score=float(row[best_key(manifest.metric)]),
+                                config=result.config, state=state,
+                                test_acc=(result.metrics or {}).get("test_acc")))
+        if len(chosen) == manifest.top_k:
+            break
+    return chosen
+
+
+def _close_parent(client: Any, manifest: Manifest, trials: int, errors: int,
+                  best: float | None) -> None:
+    if not manifest.parent_run_id:
+        return
+    client.log_metric(manifest.parent_run_id, "trials", trials)
+    client.log_metric(manifest.parent_run_id, "trials_failed", errors)
+    if best is not None:
+        client.log_metric(manifest.parent_run_id, f"best_{manifest.metric}", best)
+    client.set_terminated(manifest.parent_run_id, status="FINISHED" if best is not None
+                          else "FAILED")

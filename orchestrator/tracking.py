@@ -24,7 +24,6 @@ What the stock ``MLflowLoggerCallback`` gets wrong and this module does instead:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -37,6 +36,7 @@ from typing import Any
 from ray import tune
 
 from orchestrator.leaderboard import best_key
+from orchestrator.runmap import RunEntry, RunMap
 from orchestrator.store import (  # noqa: F401  (re-exported: one definition, in store)
     GPU_TAG,
     PARENT_TAG,
@@ -220,91 +220,6 @@ def _trial_gpus(trial: Any) -> str:
         return "0"
 
 
-def journal_path(path: str | os.PathLike[str]) -> Path:
-    """The journal beside a run map: ``mlflow-runs.json`` -> ``mlflow-runs.journal``."""
-    return Path(path).with_suffix(".journal")
-
-
-def load_run_map(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
-    """A sweep round's run map (trial id -> MLflow run id, epochs logged); {} if none.
-
-    The map on disk is the snapshot plus, while a driver runs or after one was
-    killed, the changes in its journal (see :class:`RunMap`): both are read.
-    """
-    path = Path(path)
-    runs = json.loads(path.read_text()) if path.exists() else {}
-    journal = journal_path(path)
-    if journal.exists():
-        for line in journal.read_text().splitlines():
-            try:
-                runs.update(json.loads(line))
-            except ValueError:
-                continue  # the last line, cut short by a kill in mid-write
-    return runs
-
-
-class RunMap:
-    """A round's trial -> run map on disk: a JSON snapshot plus a journal of changes.
-
-    Rewriting the whole map on every change costs O(trials) per result, O(n^2)
-    over a sweep: at 1000 trials that was a quarter of the driver's time. So a
-    change appends the trial's whole entry as one line to ``<map>.journal``
-    (before the change is acted on: once the line is written, a SIGKILL of the
-    driver cannot lose it), and :meth:`snapshot` rewrites the map (atomically,
-    reusing the text of the entries that did not change) and empties the
-    journal; the tracker does that at most once a second. :func:`load_run_map`
-    reads both; the snapshot alone (``mlflow-runs.json``) is at most about a
-    second behind. Not thread-safe: the tracker holds its lock around each call.
-    """
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self.journal = journal_path(self.path)
-        self.entries = load_run_map(self.path)
-        self._text: dict[str, str] = {}  # trial id -> its entry as JSON, as last written
-        self._dirty: set[str] = set(self.entries)
-        self._fd: int | None = None
-
-    def record(self, trial_id: str) -> None:
-        """Make the current state of ``trial_id``'s entry durable (one journal line)."""
-        line = json.dumps({trial_id: self.entries[trial_id]}, sort_keys=True) + "\n"
-        if self._fd is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        data = line.encode()
-        while data:  # one write(2) in practice; O_APPEND keeps concurrent lines whole
-            data = data[os.write(self._fd, data):]
-        self._dirty.add(trial_id)
-
-    def snapshot(self) -> bool:
-        """Rewrite the map from memory and empty the journal; False if nothing changed."""
-        if not self._dirty:
-            return False
-        for trial_id in self._dirty:
-            if trial_id in self.entries:
-                self._text[trial_id] = json.dumps(self.entries[trial_id], sort_keys=True)
-        self._dirty.clear()
-        body = ",\n".join(f"{json.dumps(t)}: {self._text[t]}" for t in self.entries)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("{\n" + body + "\n}\n")
-        tmp.replace(self.path)  # atomic: a SIGKILL leaves the old or the new map, never half
-        # Everything in the journal is in the map now (a journal left by a killed
-        # driver too: its lines, older than the map, must not be applied again).
-        if self._fd is not None:
-            os.ftruncate(self._fd, 0)
-        else:
-            self.journal.unlink(missing_ok=True)
-        return True
-
-    def close(self) -> None:
-        """Final snapshot; the journal goes."""
-        self.snapshot()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        self.journal.unlink(missing_ok=True)
-
-
 class SweepTracker(tune.Callback):
     """Writes every Tune trial into its own MLflow child run of the sweep's run.
 
@@ -357,16 +272,14 @@ class SweepTracker(tune.Callback):
         return self._writer
 
     @property
-    def runs(self) -> dict[str, dict[str, Any]]:
-        """trial id -> {"run_id", "last_epoch", "best", ...}; journaled after each change."""
+    def runs(self) -> dict[str, RunEntry]:
+        """trial id -> its run's entry; journaled after each change."""
         return self._run_map().entries
 
     def _run_map(self) -> RunMap:
         with self._lock:
             if self._map is None:
                 self._map = RunMap(self.state_file)
-                for entry in self._map.entries.values():
-                    entry.pop("create_queued", None)  # a queue that died with the old driver
                 self._replay_pending()
             return self._map
 
@@ -377,10 +290,10 @@ class SweepTracker(tune.Callback):
         """
         assert self._map is not None
         for trial_id, entry in self._map.entries.items():
-            if entry.get("run_id") is None:
+            if entry.run_id is None:
                 continue
-            for epoch in sorted(entry.get("pending", {}), key=int):
-                values = entry["pending"][epoch]
+            for epoch in sorted(entry.pending, key=int):
+                values = entry.pending[epoch]
                 self.writer.submit(lambda t=trial_id, e=entry, v=values, n=int(epoch):
                                    self._log_epoch(t, e, v, n))
 
@@ -401,16 +314,16 @@ class SweepTracker(tune.Callback):
     # Every MLflow call goes through the writer queue, run creation included: the
     # queue runs in order, so the ops queued after a create read the run id it set,
     # and a tracking server that is down at trial start delays nothing but MLflow.
-    def _ensure_run(self, trial: Any) -> dict[str, Any]:
+    def _ensure_run(self, trial: Any) -> RunEntry:
         with self._lock:
             entry = self.runs.get(trial.trial_id)
             if entry is None:
-                entry = {"run_id": None, "last_epoch": 0, "best": None}
+                entry = RunEntry()
                 self.runs[trial.trial_id] = entry
                 self._save(trial.trial_id)
-            if entry["run_id"] is not None or entry.get("create_queued"):
+            if entry.run_id is not None or entry.create_queued:
                 return entry
-            entry["create_queued"] = True
+            entry.create_queued = True
         name, params = run_name(trial.config, trial.trial_id), run_params(trial.config)
         tags = {GPU_TAG: _trial_gpus(trial), **config_tags(trial.config)}
         self.writer.submit(lambda: self._create_run(trial.trial_id, entry, name, params,
@@ -420,13 +333,13 @@ class SweepTracker(tune.Callback):
     def tag_trial(self, trial: Any, key: str, value: str) -> None:
         """Set a tag on a trial's run, in order with its other writes."""
         entry = self._ensure_run(trial)
-        self.writer.submit(lambda: self.client.set_tag(entry["run_id"], key, value))
+        self.writer.submit(lambda: self.client.set_tag(entry.run_id, key, value))
 
-    def _create_run(self, trial_id: str, entry: dict[str, Any], name: str,
+    def _create_run(self, trial_id: str, entry: RunEntry, name: str,
                     params: dict[str, str], arch: str, tags: dict[str, str]) -> None:
         from mlflow.entities import Param
 
-        if entry["run_id"] is None:
+        if entry.run_id is None:
             run = self.client.create_run(
                 self.experiment_id, run_name=name,
                 tags={PARENT_TAG: self.parent_run_id, TRIAL_TAG: trial_id,
@@ -434,17 +347,17 @@ class SweepTracker(tune.Callback):
             )
             self._logged[run.info.run_id] = set()  # a new run: no metric history to read
             with self._lock:
-                entry["run_id"] = run.info.run_id
-                entry.pop("create_queued", None)
+                entry.run_id = run.info.run_id
+                entry.create_queued = False
                 self._save(trial_id)
-        self.client.log_batch(entry["run_id"],
+        self.client.log_batch(entry.run_id,
                               params=[Param(k, v) for k, v in params.items()])
 
-    def _log_metrics(self, entry: dict[str, Any], values: dict[str, float], step: int) -> None:
+    def _log_metrics(self, entry: RunEntry, values: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(entry["run_id"], metrics=[Metric(k, float(v), now, step)
+        self.client.log_batch(entry.run_id, metrics=[Metric(k, float(v), now, step)
                                                         for k, v in values.items()])
 
     # -- Tune hooks ------------------------------------------------------------------
@@ -459,27 +372,27 @@ class SweepTracker(tune.Callback):
         with self._lock:
             # A trial retried or resumed from a checkpoint reports some epochs again:
             # queue each epoch once per driver (MLflow itself is checked in _log_epoch).
-            if epoch <= max(entry["last_epoch"], self._queued.get(trial.trial_id, 0)):
+            if epoch <= max(entry.last_epoch, self._queued.get(trial.trial_id, 0)):
                 return
             self._queued[trial.trial_id] = epoch
             values = dict(parsed.metrics)
-            if self.metric in result and better(result[self.metric], entry["best"], self.mode):
-                entry["best"] = result[self.metric]
-            if entry["best"] is not None:
-                values[best_key(self.metric)] = entry["best"]
+            if self.metric in result and better(result[self.metric], entry.best, self.mode):
+                entry.best = result[self.metric]
+            if entry.best is not None:
+                values[best_key(self.metric)] = entry.best
             values["epoch"] = epoch
             if parsed.num_params is not None:
                 values["num_params"] = parsed.num_params
             if parsed.test_acc is not None:
                 values["test_acc"] = parsed.test_acc
-            entry["seen_epoch"] = epoch  # what Tune reported: decides the final status
-            entry.setdefault("pending", {})[str(epoch)] = values  # until MLflow has it
-            entry["total_epochs"] = parsed.total_epochs or None
-            entry["diverged"] = parsed.diverged
+            entry.seen_epoch = epoch  # what Tune reported: decides the final status
+            entry.pending[str(epoch)] = values  # until MLflow has it
+            entry.total_epochs = parsed.total_epochs or None
+            entry.diverged = parsed.diverged
             self._save(trial.trial_id)
         self.writer.submit(lambda: self._log_epoch(trial.trial_id, entry, values, epoch))
 
-    def _log_epoch(self, trial_id: str, entry: dict[str, Any], values: dict[str, float],
+    def _log_epoch(self, trial_id: str, entry: RunEntry, values: dict[str, float],
                    epoch: int) -> None:
         """Write one epoch unless MLflow already has it; then record it in the map.
 
@@ -488,7 +401,7 @@ class SweepTracker(tune.Callback):
         steps MLflow already holds (read once per run and driver) are never sent
         twice, even if the driver died between a write and the map update.
         """
-        run_id = entry["run_id"]
+        run_id = entry.run_id
         if run_id not in self._logged:
             history = self.client.get_metric_history(run_id, "epoch")
             self._logged[run_id] = {int(m.step) for m in history}
@@ -496,31 +409,31 @@ class SweepTracker(tune.Callback):
             self._log_metrics(entry, values, epoch)
             self._logged[run_id].add(epoch)
         with self._lock:
-            entry["last_epoch"] = max(entry["last_epoch"], epoch)
-            entry.get("pending", {}).pop(str(epoch), None)
+            entry.last_epoch = max(entry.last_epoch, epoch)
+            entry.pending.pop(str(epoch), None)
             self._save(trial_id)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         """A failed attempt that Tune retries from the last checkpoint."""
         entry = self._ensure_run(trial)
         with self._lock:
-            entry["retries"] = entry.get("retries", 0) + 1
+            entry.retries += 1
             self._save(trial.trial_id)
-            retries = str(entry["retries"])
+            retries = str(entry.retries)
         message = _error_text(trial)
         self.writer.submit(lambda: self._note_retry(entry, retries, message))
 
-    def _note_retry(self, entry: dict[str, Any], retries: str, message: str) -> None:
-        self.client.set_tag(entry["run_id"], "wrnsweep.retries", retries)
-        self.client.log_text(entry["run_id"], message, f"errors/attempt-{retries}.txt")
+    def _note_retry(self, entry: RunEntry, retries: str, message: str) -> None:
+        self.client.set_tag(entry.run_id, "wrnsweep.retries", retries)
+        self.client.log_text(entry.run_id, message, f"errors/attempt-{retries}.txt")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         with self._lock:
             entry = self.runs.get(trial.trial_id)
             if entry is None:
                 return
-            status, tags = outcome(entry, errored=False)
-            entry["status"] = status
+            status, tags = entry.outcome(errored=False)
+            entry.status = status
             self._save(trial.trial_id)
         self._queued.pop(trial.trial_id, None)
         self.writer.submit(lambda: self._finish(entry, status, tags))
@@ -528,26 +441,26 @@ class SweepTracker(tune.Callback):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         entry = self._ensure_run(trial)
         with self._lock:
-            entry["status"] = "FAILED"
+            entry.status = "FAILED"
             self._save(trial.trial_id)
         self._queued.pop(trial.trial_id, None)
         message = _error_text(trial)
         last_line = message.strip().splitlines()[-1][:250] if message.strip() else "error"
 
         def fail() -> None:
-            self.client.log_text(entry["run_id"], message, "error.txt")
+            self.client.log_text(entry.run_id, message, "error.txt")
             self._finish(entry, "FAILED", {"wrnsweep.error": last_line})
 
         self.writer.submit(fail)
 
-    def _finish(self, entry: dict[str, Any], status: str, tags: dict[str, str]) -> None:
+    def _finish(self, entry: RunEntry, status: str, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
         if tags:
-            self.client.log_batch(entry["run_id"],
+            self.client.log_batch(entry.run_id,
                                   tags=[RunTag(k, v) for k, v in tags.items()])
-        self.client.set_terminated(entry["run_id"], status=status)
-        self._logged.pop(entry["run_id"], None)  # the run is over: no more epochs
+        self.client.set_terminated(entry.run_id, status=status)
+        self._logged.pop(entry.run_id, None)  # the run is over: no more epochs
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         if not self.writer.close():
@@ -557,16 +470,6 @@ class SweepTracker(tune.Callback):
                 self._map.close()
 
 
-def outcome(entry: dict[str, Any], *, errored: bool) -> tuple[str, dict[str, str]]:
-    """MLflow status and tags of a trial that ended, from what was logged of it."""
-    if errored or entry.get("diverged"):
-        return "FAILED", ({"wrnsweep.diverged": "true"} if entry.get("diverged") else {})
-    seen = max(entry.get("seen_epoch", 0), entry["last_epoch"])
-    if seen < (entry.get("total_epochs") or 0):
-        return "KILLED", {"wrnsweep.pruned": "true", "wrnsweep.stopped_at_epoch": str(seen)}
-    return "FINISHED", {}
-
-
 def _error_text(trial: Any) -> str:
     path = getattr(trial, "error_file", None)
     if path and os.path.exists(path):
@@ -574,43 +477,3 @@ def _error_text(trial: Any) -> str:
     return str(getattr(trial, "error_msg", None) or "the trial failed without an error message")
 
 
-def reconcile_runs(client: Any, runs: dict[str, dict[str, Any]], outcomes: dict[str, str],
-                   writer: BufferedWriter) -> int:
-    """Terminate trial runs still RUNNING after the sweep; the number fixed.
-
-    A driver killed between a trial's last result and its completion hook leaves
-    the run RUNNING; once the resumed sweep is over, the map and Tune's outcome
-    (``outcomes``: trial id -> "error" or "ok") say how it ended.
-    """
-    fixed = 0
-    for trial_id, entry in runs.items():
-        if entry.get("run_id") is None:
-            continue  # never reached MLflow (tracking was down the whole time)
-        if trial_id not in outcomes:
-            # Started after Tune's last experiment snapshot before a driver crash: Tune
-            # no longer knows the trial and ran a fresh one instead. Soft-delete its run
-            # (`mlflow runs restore` brings it back) so the sweep shows each trial once.
-            writer.submit(lambda run_id=entry["run_id"]: _drop_orphan(client, run_id))
-            fixed += 1
-            continue
-        if client.get_run(entry["run_id"]).info.status != "RUNNING":
-            continue
-        status, tags = outcome(entry, errored=outcomes.get(trial_id) == "error")
-
-        def close(run_id: str = entry["run_id"], status: str = status,
-                  tags: dict[str, str] = tags) -> None:
-            for k, v in tags.items():
-                client.set_tag(run_id, k, v)
-            client.set_terminated(run_id, status=status)
-
-        writer.submit(close)
-        fixed += 1
-    writer.close()
-    return fixed
-
-
-def _drop_orphan(client: Any, run_id: str) -> None:
-    client.set_tag(run_id, "wrnsweep.orphaned", "true")
-    if client.get_run(run_id).info.status == "RUNNING":
-        client.set_terminated(run_id, status="KILLED")
-    client.delete_run(run_id)

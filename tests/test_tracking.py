@@ -18,27 +18,20 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from orchestrator.tracking import (
-    BufferedWriter,
-    RunMap,
-    SweepTracker,
-    is_local_store,
-    journal_path,
-    load_run_map,
-    mlflow_client,
-)
+from orchestrator.runmap import RunEntry, RunMap, journal_path, load_run_map
+from orchestrator.tracking import BufferedWriter, SweepTracker, is_local_store, mlflow_client
 
 CONFIG = {"arch": "resnet", "resnet.depth": 8, "lr": 0.1, "epochs": 2, "dataset": "synthetic"}
 
 
 def test_a_change_is_on_disk_before_the_snapshot(tmp_path: Path) -> None:
     runs = RunMap(tmp_path / "mlflow-runs.json")
-    runs.entries["t1"] = {"run_id": "r1", "last_epoch": 1}
+    runs.entries["t1"] = RunEntry(run_id="r1", last_epoch=1)
     runs.record("t1")
     assert not (tmp_path / "mlflow-runs.json").exists()
-    assert load_run_map(tmp_path / "mlflow-runs.json") == {"t1": {"run_id": "r1",
-                                                                  "last_epoch": 1}}
-    runs.entries["t1"]["last_epoch"] = 2
+    assert load_run_map(tmp_path / "mlflow-runs.json") == {
+        "t1": RunEntry(run_id="r1", last_epoch=1)}
+    runs.entries["t1"].last_epoch = 2
     runs.record("t1")
     assert runs.snapshot()
     assert json.loads((tmp_path / "mlflow-runs.json").read_text())["t1"]["last_epoch"] == 2
@@ -52,12 +45,12 @@ def test_a_killed_writer_loses_no_change(tmp_path: Path) -> None:
     """SIGKILL right after record(): the change is in the journal, read back by the next map."""
     script = (
         "import os, signal, sys\n"
-        "from orchestrator.tracking import RunMap\n"
+        "from orchestrator.runmap import RunEntry, RunMap\n"
         "runs = RunMap(sys.argv[1])\n"
-        "runs.entries['t1'] = {'run_id': 'r1', 'last_epoch': 1}\n"
+        "runs.entries['t1'] = RunEntry(run_id='r1', last_epoch=1)\n"
         "runs.record('t1')\n"
         "runs.snapshot()\n"
-        "runs.entries['t1']['pending'] = {'2': {'val_acc': 0.5}}\n"
+        "runs.entries['t1'].pending = {'2': {'val_acc': 0.5}}\n"
         "runs.record('t1')\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
     )
@@ -65,25 +58,25 @@ def test_a_killed_writer_loses_no_change(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", script, str(path)], cwd=Path(__file__).parents[1],
                           timeout=120)
     assert proc.returncode == -signal.SIGKILL
-    assert json.loads(path.read_text())["t1"].get("pending") is None  # the snapshot is behind
-    assert load_run_map(path)["t1"]["pending"] == {"2": {"val_acc": 0.5}}
+    assert not json.loads(path.read_text())["t1"].get("pending")  # the snapshot is behind
+    assert load_run_map(path)["t1"].pending == {"2": {"val_acc": 0.5}}
 
 
 def test_a_journal_older_than_the_map_is_not_applied_again(tmp_path: Path) -> None:
     path = tmp_path / "mlflow-runs.json"
     old = RunMap(path)
-    old.entries["t1"] = {"run_id": "r1", "last_epoch": 1}
+    old.entries["t1"] = RunEntry(run_id="r1", last_epoch=1)
     old.record("t1")  # a driver killed here leaves this line behind
     new = RunMap(path)  # the resumed driver
-    new.entries["t1"]["last_epoch"] = 3
+    new.entries["t1"].last_epoch = 3
     new.snapshot()
-    assert load_run_map(path)["t1"]["last_epoch"] == 3
+    assert load_run_map(path)["t1"].last_epoch == 3
 
 
 def test_a_line_cut_short_is_ignored(tmp_path: Path) -> None:
     path = tmp_path / "mlflow-runs.json"
     journal_path(path).write_text('{"t1": {"run_id": "r1", "last_epoch": 1}}\n{"t1": {"ru')
-    assert load_run_map(path) == {"t1": {"run_id": "r1", "last_epoch": 1}}
+    assert load_run_map(path) == {"t1": RunEntry(run_id="r1", last_epoch=1)}
 
 
 def test_background_writer_keeps_order_retries_and_warns_once() -> None:
@@ -158,14 +151,14 @@ def test_tracker_logs_each_trial_and_leaves_a_complete_map(tmp_path: Path) -> No
     assert not journal_path(tmp_path / "mlflow-runs.json").exists()
     assert set(runs) == {"t0", "t1", "t2"}
     for trial_id, entry in runs.items():
-        run = client.get_run(entry["run_id"])
-        assert run.info.status == "FINISHED" and entry["last_epoch"] == 2
+        run = client.get_run(entry.run_id)
+        assert run.info.status == "FINISHED" and entry.last_epoch == 2
         assert run.data.tags["mlflow.parentRunId"] == parent
         assert run.data.tags["wrnsweep.trial_id"] == trial_id
         assert run.data.params["depth"] == "8"
-        steps = [m.step for m in client.get_metric_history(entry["run_id"], "val_acc")]
+        steps = [m.step for m in client.get_metric_history(entry.run_id, "val_acc")]
         assert steps == [1, 2]
-        assert not entry.get("pending")
+        assert not entry.pending
     assert not tracker._logged  # nothing kept per finished run
 
 
@@ -174,16 +167,16 @@ def test_tracker_replays_what_a_killed_driver_had_not_written(tmp_path: Path) ->
     trial = SimpleNamespace(trial_id="t0", config=dict(CONFIG))
     tracker.on_trial_start(0, [trial], trial)
     tracker.on_trial_result(0, [trial], trial, _result(1, 0.3))
-    run_id = tracker.runs["t0"]["run_id"]
+    run_id = tracker.runs["t0"].run_id
     # The driver received epoch 2 and died before MLflow had it: the journal says so.
     runs = RunMap(tmp_path / "mlflow-runs.json")
-    runs.entries["t0"]["pending"] = {"2": {"val_acc": 0.4, "epoch": 2}}
+    runs.entries["t0"].pending = {"2": {"val_acc": 0.4, "epoch": 2}}
     runs.record("t0")
 
     resumed = SweepTracker(tracking_uri=tracker.tracking_uri, experiment_id=tracker.experiment_id,
                            parent_run_id=tracker.parent_run_id, state_file=tracker.state_file,
                            metric="val_acc", mode="max", sweep_name="t")
-    assert resumed.runs["t0"]["last_epoch"] == 2  # replayed on first use
+    assert resumed.runs["t0"].last_epoch == 2  # replayed on first use
     resumed.on_trial_result(0, [trial], trial, _result(2, 0.4))  # Tune reports it again
     resumed.on_trial_complete(0, [trial], trial)
     resumed.on_experiment_end([trial])
@@ -200,7 +193,7 @@ def test_tracker_pickles_without_its_lock_writer_or_map(tmp_path: Path) -> None:
     copy = pickle.loads(pickle.dumps(tracker))
     assert copy._map is None and copy._writer is None
     assert isinstance(copy._lock, type(threading.RLock()))
-    assert copy.runs["t0"]["run_id"] == tracker.runs["t0"]["run_id"]  # read from disk
+    assert copy.runs["t0"].run_id == tracker.runs["t0"].run_id  # read from disk
     tracker.on_experiment_end([trial])
 
 
@@ -209,7 +202,7 @@ def test_a_result_costs_the_same_at_any_sweep_size(tmp_path: Path) -> None:
     runs = RunMap(tmp_path / "mlflow-runs.json")
     sizes = []
     for i in range(200):
-        runs.entries[f"t{i}"] = {"run_id": f"r{i}", "last_epoch": 1, "best": 0.5}
+        runs.entries[f"t{i}"] = RunEntry(run_id=f"r{i}", last_epoch=1, best=0.5)
         before = os.path.getsize(runs.journal) if runs.journal.exists() else 0
         runs.record(f"t{i}")
         sizes.append(os.path.getsize(runs.journal) - before)
