@@ -615,10 +615,10 @@ def dashboard(sweep_dir: str, port: int, host: str) -> None:
     and, as the user attribute wrnsweep.trial_id, the tag of its MLflow run. Requests
     that would change the study are refused (403): resume and extend read it.
     """
-    from orchestrator.search import serve_dashboard
-
     if not Path(sweep_dir).is_dir():
         raise InvalidInput(f"{sweep_dir}: no such sweep folder")
+    from orchestrator.search import serve_dashboard
+
     try:
         serve_dashboard(sweep_dir, host=host, port=port, echo=click.echo)
     except (FileNotFoundError, ValueError) as err:  # no study yet; a port in use
@@ -632,15 +632,22 @@ jobs_address_option = click.option(
 
 
 def _jobs_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """Connection problems and unknown job ids are user errors, not tracebacks."""
+    """Connection problems and unknown job ids are user errors, not tracebacks.
+
+    ``submit`` goes through Ray's client (it uploads a working directory), the other
+    job commands through :class:`orchestrator.jobs.JobsApi`, without Ray.
+    """
     from orchestrator.jobs import use_token_if_present
 
     use_token_if_present()  # must precede the first import of ray, which reads the mode
-    from ray.exceptions import AuthenticationError
+    errors: tuple[type[BaseException], ...] = (ConnectionError, ValueError, RuntimeError)
+    if "ray" in sys.modules:  # Ray's client was used: its authentication error too
+        from ray.exceptions import AuthenticationError
 
+        errors = (*errors, AuthenticationError)
     try:
         return fn(*args, **kwargs)
-    except (ConnectionError, ValueError, RuntimeError, AuthenticationError) as err:
+    except errors as err:
         raise click.ClickException(str(err).strip().splitlines()[0]) from None
 
 
@@ -668,14 +675,14 @@ def submit(sweep_file: str, address: str, follow: bool, storage: str | None,
 
     if name is not None and not SWEEP_NAME.fullmatch(name):  # as launch checks it
         raise InvalidInput(f"--name must match {SWEEP_NAME_RULE}, got {name!r}")
-    client, job_id = _jobs_call(jobs.submit, sweep_file, address=address, storage=storage,
-                                tracking_uri=tracking_uri, num_samples=num_samples,
-                                name=name, pip=pip)
+    _, job_id = _jobs_call(jobs.submit, sweep_file, address=address, storage=storage,
+                           tracking_uri=tracking_uri, num_samples=num_samples,
+                           name=name, pip=pip)
     click.echo(f"submitted job {job_id} to {address}")
     if not follow:
         click.echo(f"follow it with: wrnsweep jobs logs {job_id} --address {address} --follow")
         return
-    status = jobs.follow(client, job_id, click.echo)
+    status = _jobs_call(jobs.follow, jobs.JobsApi(address), job_id, click.echo)
     click.echo(f"job {job_id}: {status}")
     if status != "SUCCEEDED":
         sys.exit(1)
@@ -693,8 +700,9 @@ def jobs_list(address: str, as_json: bool) -> None:
     """Submitted sweeps on the cluster, newest first."""
     from orchestrator import jobs
 
-    found = _jobs_call(lambda: jobs.client(address).list_jobs())
-    rows = sorted((jobs.describe(j) for j in found if (j.metadata or {}).get("wrnsweep.sweep")),
+    found = _jobs_call(lambda: jobs.JobsApi(address).list_jobs())
+    rows = sorted((jobs.describe(j) for j in found
+                   if (j.get("metadata") or {}).get("wrnsweep.sweep")),
                   key=lambda r: r["start"] or 0, reverse=True)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -710,7 +718,7 @@ def jobs_status(job_id: str, address: str) -> None:
     """Status of one job."""
     from orchestrator import jobs
 
-    info = _jobs_call(lambda: jobs.client(address).get_job_info(job_id))
+    info = _jobs_call(lambda: jobs.JobsApi(address).get_job_info(job_id))
     row = jobs.describe(info)
     click.echo(f"{row['job_id']}: {row['status']}" + (f" ({row['message']})"
                                                       if row["message"] else ""))
@@ -724,12 +732,12 @@ def jobs_logs(job_id: str, address: str, follow: bool) -> None:
     """Logs of one job."""
     from orchestrator import jobs
 
-    client = _jobs_call(jobs.client, address)
+    api = jobs.JobsApi(address)
     if follow:
-        status = _jobs_call(jobs.follow, client, job_id, click.echo)
+        status = _jobs_call(jobs.follow, api, job_id, click.echo)
         click.echo(f"job {job_id}: {status}")
         return
-    click.echo(_jobs_call(client.get_job_logs, job_id), nl=False)
+    click.echo(_jobs_call(api.get_job_logs, job_id), nl=False)
 
 
 @jobs_group.command(name="stop")
@@ -739,7 +747,7 @@ def jobs_stop(job_id: str, address: str) -> None:
     """Stop a running job (its trials stop; `wrnsweep resume` can continue the sweep)."""
     from orchestrator import jobs
 
-    stopped = _jobs_call(lambda: jobs.client(address).stop_job(job_id))
+    stopped = _jobs_call(lambda: jobs.JobsApi(address).stop_job(job_id))
     click.echo(f"job {job_id}: {'stop requested' if stopped else 'was not running'}")
 
 

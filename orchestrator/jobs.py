@@ -14,7 +14,6 @@ environment, which the Ray dashboard shows to anyone who can reach it.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shlex
 import shutil
@@ -89,10 +88,74 @@ def use_token_if_present() -> None:
 
 
 def client(address: str) -> Any:
+    """Ray's own Jobs client (imports Ray): what ``submit`` uses to upload a working dir."""
     use_token_if_present()
     from ray.job_submission import JobSubmissionClient
 
     return JobSubmissionClient(address)
+
+
+def _token() -> str | None:
+    """The Ray auth token where Ray's clients look for it (env, then file); never logged."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+class JobsApi:
+    """The Ray Jobs REST API of a cluster's head (``/api/jobs/``) over the standard library.
+
+    What ``jobs list/status/logs/stop`` and following a job need, without importing
+    Ray (seconds less per command). The requests and answers are those of Ray's
+    ``JobSubmissionClient`` (``ray/dashboard/modules/job/sdk.py``); the token, when
+    one is configured, goes in the ``authorization: Bearer`` header as Ray sends it.
+    HTTP errors become ``RuntimeError`` and an unreachable head ``ConnectionError``,
+    each with one line.
+    """
+
+    def __init__(self, address: str, *, timeout: float = 30.0) -> None:
+        self.base = (address if "://" in address else f"http://{address}").rstrip("/")
+        self.timeout = timeout
+        token = _token()
+        self._headers = {"authorization": f"Bearer {token}"} if token else {}
+
+    def _call(self, method: str, path: str) -> Any:
+        import json
+        import urllib.error
+        import urllib.request
+
+        request = urllib.request.Request(self.base + path, method=method,
+                                         headers=self._headers)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as answer:
+                return json.loads(answer.read() or b"null")
+        except urllib.error.HTTPError as err:
+            body = err.read().decode(errors="replace").strip().splitlines()
+            raise RuntimeError(f"{method} {path}: HTTP {err.code}"
+                               + (f": {body[0][:300]}" if body else "")) from None
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise ConnectionError(f"cannot reach the Ray Jobs API at {self.base}: "
+                                  f"{reason}") from None
+
+    def list_jobs(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/api/jobs/") or [])
+
+    def get_job_info(self, job_id: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/api/jobs/{job_id}"))
+
+    def get_job_status(self, job_id: str) -> str:
+        return str(self.get_job_info(job_id)["status"])
+
+    def get_job_logs(self, job_id: str) -> str:
+        return str(self._call("GET", f"/api/jobs/{job_id}/logs")["logs"])
+
+    def stop_job(self, job_id: str) -> bool:
+        return bool(self._call("POST", f"/api/jobs/{job_id}/stop")["stopped"])
 
 
 def submit(sweep_file: str, *, address: str, storage: str | None = None,
@@ -138,34 +201,32 @@ def _submit_with_retry(jobs: Any, request: dict[str, Any], deadline: float = 300
         delay = min(delay * 2, 10.0)
 
 
-def follow(jobs: Any, job_id: str, echo: Echo) -> str:
-    """Stream the job's logs until it ends; its final status."""
+def follow(api: JobsApi, job_id: str, echo: Echo, *, poll: float = 1.0) -> str:
+    """Print the job's logs as they grow until it ends; its final status.
 
-    async def tail() -> None:
-        async for chunk in jobs.tail_job_logs(job_id):
-            echo(chunk.rstrip("\n"))
-
-    asyncio.run(tail())
-    return wait(jobs, job_id)
-
-
-def wait(jobs: Any, job_id: str, timeout: float = 60.0) -> str:
-    """The log stream can end a moment before the status turns terminal."""
-    end = time.monotonic() + timeout
-    status = str(jobs.get_job_status(job_id))
-    while status.split(".")[-1] not in TERMINAL and time.monotonic() < end:
-        time.sleep(0.5)
-        status = str(jobs.get_job_status(job_id))
-    return status.split(".")[-1]
+    Polls the logs (Ray's streaming endpoint needs its client and a websocket);
+    the job's end is read after the logs, so its last lines are always printed.
+    """
+    shown = 0
+    while True:
+        status = api.get_job_status(job_id)
+        logs = api.get_job_logs(job_id)
+        if len(logs) > shown:
+            echo(logs[shown:].rstrip("\n"))
+            shown = len(logs)
+        if status in TERMINAL:
+            return status
+        time.sleep(poll)
 
 
-def describe(job: Any) -> dict[str, Any]:
+def describe(job: dict[str, Any]) -> dict[str, Any]:
+    """A job as ``jobs list --json`` shows it."""
     return {
-        "job_id": job.submission_id or job.job_id,
-        "status": str(job.status).split(".")[-1],
-        "sweep": (job.metadata or {}).get("wrnsweep.sweep"),
-        "entrypoint": job.entrypoint,
-        "start": job.start_time,
-        "end": job.end_time,
-        "message": job.message,
+        "job_id": job.get("submission_id") or job.get("job_id"),
+        "status": str(job.get("status")),
+        "sweep": (job.get("metadata") or {}).get("wrnsweep.sweep"),
+        "entrypoint": job.get("entrypoint"),
+        "start": job.get("start_time"),
+        "end": job.get("end_time"),
+        "message": job.get("message"),
     }

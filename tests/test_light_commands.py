@@ -85,3 +85,36 @@ def test_validate_and_help_import_no_heavy_module(tmp_path: Path) -> None:
         code, modules, out = _modules_of(*args, cwd=tmp_path)
         assert code in (0, None), out
         assert not _heavy(modules), f"{' '.join(args)} imported {_heavy(modules)}"
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # bound, then closed: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("args", [
+    ("jobs", "list", "--address", "http://127.0.0.1:{port}"),
+    ("jobs", "status", "raysubmit_x", "--address", "http://127.0.0.1:{port}"),
+    ("jobs", "logs", "raysubmit_x", "--address", "http://127.0.0.1:{port}"),
+    ("jobs", "stop", "raysubmit_x", "--address", "http://127.0.0.1:{port}"),
+])
+def test_jobs_commands_talk_to_the_api_without_ray(tmp_path: Path, args: tuple[str, ...]
+                                                   ) -> None:
+    """`jobs` speaks the Jobs REST API itself: an unreachable head is one line, exit 1,
+    and neither Ray nor MLflow is imported to say so."""
+    port = _closed_port()
+    code, modules, out = _modules_of(*(a.format(port=port) for a in args), cwd=tmp_path)
+    assert code == 1 and "cannot reach the Ray Jobs API at http://127.0.0.1:" in out, out
+    assert "Traceback" not in out
+    assert not _heavy(modules) and "mlflow" not in {m.split(".")[0] for m in modules}
+
+
+@pytest.mark.parametrize("command", ["ui", "report", "confirm", "dashboard"])
+def test_read_only_commands_answer_a_missing_folder_light(tmp_path: Path, command: str
+                                                          ) -> None:
+    code, modules, out = _modules_of(command, str(tmp_path / "nowhere"), cwd=tmp_path)
+    assert code == 2, out
+    assert not _heavy(modules), f"{command} imported {_heavy(modules)}"
