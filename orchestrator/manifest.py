@@ -48,13 +48,6 @@ def objective_text(metric: str, mode: str) -> str:
     return f"{metric} ({mode})"
 
 
-def parse_objective(text: str) -> tuple[str, str]:
-    """The inverse of :func:`objective_text` (a parent run logged before the manifest tag)."""
-    metric, _, rest = text.partition(" (")
-    mode = rest.rstrip(")")
-    return metric, mode if mode in MODES else "max"
-
-
 @dataclass(frozen=True)
 class Manifest:
     """Everything resolved from the sweep file, the command line and the runs so far."""

@@ -18,7 +18,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +35,7 @@ from orchestrator.confirm import (
     seeds_for,
     state_of,
 )
+from tests._cluster import trial_progress, wait_for
 from tests._meta import sweep_meta
 
 REPO = Path(__file__).resolve().parents[1]
@@ -287,15 +287,6 @@ def test_confirm_top_2_with_3_seeds(searched: Path) -> None:
     assert (home / "report" / "confirm.png").stat().st_size > 1000
 
 
-def _wait_for(condition, timeout: float, what: str) -> None:
-    """Poll a real condition (not a fixed sleep) until it holds or time runs out."""
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.5)
-
-
 @pytest.mark.slow
 def test_confirm_killed_mid_round_resumes_without_duplicates(searched: Path) -> None:
     home = searched / "pristine" / "confirm"
@@ -308,13 +299,9 @@ def test_confirm_killed_mid_round_resumes_without_duplicates(searched: Path) -> 
     def mid_round() -> bool:
         if driver.poll() is not None:
             raise AssertionError("the confirm round ended before it could be killed")
-        try:
-            runs = json.loads(runs_file.read_text())
-        except (OSError, ValueError):
-            return False
-        return any(r["last_epoch"] >= 1 for r in runs.values())
+        return any(epoch >= 1 for epoch in trial_progress(runs_file).values())
 
-    _wait_for(mid_round, 300, "a confirm run with a logged epoch")
+    wait_for(mid_round, 300, "a confirm run with a logged epoch")
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started
     driver.wait(timeout=60)
     client, meta = _client(home)
