@@ -74,10 +74,13 @@ def confirm(home: str, spec: ConfirmSpec, *, echo: Echo = print, address: str | 
 
     client = mlflow_client(manifest.tracking_uri)
     chosen = choose(client, manifest, cfg, spec.top)
+    if not chosen:
+        raise SweepInputError(f"{home}: the search has no trial with a finite "
+                              f"{manifest.metric} to confirm")
     if len(chosen) < spec.top:
         echo(f"note: the search ranked only {len(chosen)} configuration(s) with a "
              f"{manifest.metric}; confirming those")
-    done = sum(1 for p in Path(manifest.home).glob("confirm-*") if p.is_dir())
+    done = int(pending["round"].rsplit("-", 1)[1]) if pending else 0
     state = state_of(spec, f"confirm-{done + 1}", chosen,
                      seeds_for(cfg.search.seed, spec.seeds))
     session = prepare(cfg, manifest, echo)
@@ -116,18 +119,21 @@ def _run(cfg: SweepConfig, manifest: Manifest, session: Session, echo: Echo, *,
     path, runs_file = _paths(manifest, state)
     trainable = _trainable(cfg, session)
     metric = None if state["train_on"] == "train+val" else manifest.metric
-    if restore:
+    # A driver killed before Tune wrote the round's state left nothing to restore: no
+    # trial ran, so the round starts afresh.
+    if restore and tune.Tuner.can_restore(path):
         from orchestrator.sweep import _callbacks, _round_prefix
 
-        if not tune.Tuner.can_restore(path):
-            raise SweepInputError(f"{path}: no Tune experiment state to resume")
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
         local = getattr(tuner, "_local_tuner", None)
-        if local is not None:  # the callbacks of this folder, where it is now
+        if local is not None:  # callbacks and trials of this folder, where it is now
+            from orchestrator.relocate import trials_here
+
             local.get_run_config().callbacks = _callbacks(
                 cfg, manifest, echo, runs_file, len(jobs(state)),
                 prefix=_round_prefix(manifest, path))
+            local._tune_config.scheduler = trials_here(local._tune_config.scheduler, path)
         results = _run_tuner(tuner, manifest)
     else:
         todo = jobs(state)
