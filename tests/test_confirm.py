@@ -292,7 +292,7 @@ def test_confirm_killed_mid_round_resumes_without_duplicates(searched: Path) -> 
     home = searched / "pristine" / "confirm"
     runs_file = home / "mlflow-runs.confirm-1.json"
     driver = subprocess.Popen(
-        [WRNSWEEP, "confirm", str(home), "--top", "2", "--seeds", "2", "--epochs", "2"],
+        [WRNSWEEP, "confirm", str(home), "--top", "2", "--seeds", "2", "--epochs", "1"],
         cwd=searched, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True, env={**os.environ, "RAY_ADDRESS": ""})
 
