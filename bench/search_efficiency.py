@@ -33,7 +33,7 @@ dataset can be switched to ``synthetic``.
 
 Usage: ``.venv/bin/python bench/search_efficiency.py [--seeds 5] [--trials 16]
 [--epochs 8] [--space digits|all] [--dataset digits|synthetic] [--png FILE]
-[--workdir DIR]``; ``--quick`` (1 seed, 4 trials of 2 epochs, baseline and default
+[--workdir DIR]``; ``--quick`` (1 seed, 3 trials of 2 epochs, baseline and default
 only) checks the whole path in about two minutes. At full size one arm and seed
 takes 8-16 minutes on 2 shared cores (about 9 epochs a minute), so the 5-seed
 run takes hours: ``--workdir DIR`` keeps the sweeps there and reads back every
@@ -272,14 +272,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms")
     parser.add_argument("--png", type=Path, default=Path("search_efficiency.png"))
     parser.add_argument("--quick", action="store_true",
-                        help="1 seed, 4 trials of 2 epochs, baseline and default only")
+                        help="1 seed, 3 trials of 2 epochs, baseline and default only")
     parser.add_argument("--keep", action="store_true", help="keep the sweep folders")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="run (and keep) the sweeps in this folder; an arm and seed "
                              "finished there before is read back, not run again")
     args = parser.parse_args(argv)
     if args.quick:
-        args.seeds, args.trials, args.epochs, args.arms = 1, 4, 2, f"{BASELINE},default"
+        args.seeds, args.trials, args.epochs, args.arms = 1, 3, 2, f"{BASELINE},default"
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     if BASELINE not in arms:
         parser.error(f"--arms must include the baseline {BASELINE}")

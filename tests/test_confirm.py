@@ -189,11 +189,11 @@ def test_bad_confirm_input_exits_2_with_one_line(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The smoke sweep (4 of its trials) finished on digits; a copy is kept for the kill
+    """The smoke sweep (3 of its trials) finished on digits; a copy is kept for the kill
     test."""
     work = tmp_path_factory.mktemp("confirm")
     ran = wrnsweep("launch", str(SMOKE), "--storage", str(work / "runs"), "--name", "confirm",
-                   "--num-samples", "4", cwd=work)
+                   "--num-samples", "3", cwd=work)
     assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
     shutil.copytree(work / "runs" / "confirm", work / "pristine" / "confirm")
     return work

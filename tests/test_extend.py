@@ -72,7 +72,7 @@ def test_extend_adds_trials_to_the_same_parent_run(extended) -> None:
 
     home = extended["home"]
     meta = sweep_meta(home)
-    assert meta["num_samples"] == 5 and meta["extra"]["rounds"] == ["extend-1"]
+    assert meta["num_samples"] == 5 and meta["rounds"] == ("extend-1",)
     client = MlflowClient(tracking_uri=meta["tracking_uri"], registry_uri=meta["tracking_uri"])
     runs = client.search_runs(
         [meta["experiment_id"]],
