@@ -98,13 +98,13 @@ def test_submit_follow_runs_the_smoke_sweep_and_jobs_manage_it(tmp_path: Path,
     assert listed.returncode == 0 and json.loads(listed.stdout) == []  # nothing submitted
 
     result = wrnsweep("submit", str(sweep), "--address", head.jobs_address, "--follow",
-                      "--storage", str(storage), cwd=tmp_path)
+                      "--storage", str(storage), "--num-samples", "3", cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "SUCCEEDED" in result.stdout
     assert "registered 2 version(s) of 'smoke'" in result.stdout
     assert not list(tmp_path.rglob("INJECTED"))
 
-    runs = assert_complete(storage / "smoke", num_trials=6)
+    runs = assert_complete(storage / "smoke", num_trials=3)  # --num-samples reached it
     assert max(r.data.metrics.get("best_val_acc", 0) for r in runs) > 0.5  # chance: 0.1
 
     job_id = next(line.split()[2] for line in result.stdout.splitlines()

@@ -1,7 +1,8 @@
 """``wrnsweep confirm``: the search's best configurations trained again over seeds.
 
-The end-to-end tests run the smoke sweep on the real digits images (Ray Tune,
-Optuna's TPE, ASHA, a SQLite MLflow store), then ``confirm --top 2 --seeds 3
+The end-to-end tests run a smoke-sized search on the real digits images (Ray
+Tune, Optuna, a SQLite MLflow store; the cheapest network, so that the test
+costs what the command does, not what a network does), then ``confirm --top 2 --seeds 3
 --epochs 2`` through the installed command, and read everything back with
 MlflowClient: six child runs, their tags, the parent's statistics against
 numpy's over the six runs' metrics, the champion's version and alias, ``best``
@@ -39,7 +40,7 @@ from tests._cluster import trial_progress, wait_for
 from tests._meta import sweep_meta
 
 REPO = Path(__file__).resolve().parents[1]
-SMOKE = REPO / "search_spaces" / "smoke.yaml"
+SWEEP = REPO / "tests" / "sweeps" / "confirm.yaml"
 WRNSWEEP = str(Path(sys.executable).with_name("wrnsweep"))
 
 
@@ -189,11 +190,10 @@ def test_bad_confirm_input_exits_2_with_one_line(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The smoke sweep (3 of its trials) finished on digits; a copy is kept for the kill
-    test."""
+    """A smoke-sized search finished on digits (tests/sweeps/confirm.yaml: ResNet-8 at
+    three learning rates, two epochs); a copy is kept for the kill test."""
     work = tmp_path_factory.mktemp("confirm")
-    ran = wrnsweep("launch", str(SMOKE), "--storage", str(work / "runs"), "--name", "confirm",
-                   "--num-samples", "3", cwd=work)
+    ran = wrnsweep("launch", str(SWEEP), "--storage", str(work / "runs"), cwd=work)
     assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
     shutil.copytree(work / "runs" / "confirm", work / "pristine" / "confirm")
     return work
@@ -229,8 +229,8 @@ def test_confirm_top_2_with_3_seeds(searched: Path) -> None:
     runs = _confirm_runs(client, meta)
     pairs = sorted((r.data.tags["wrnsweep.confirm"], int(r.data.tags["wrnsweep.confirm_seed"]))
                    for r in runs)
-    # smoke.yaml's search seed is 0: the confirm seeds are 1, 2, 3.
-    assert pairs == [(c, s) for c in ("c1", "c2") for s in (1, 2, 3)]
+    # The search seed is 3: the confirm seeds are 4, 5, 6.
+    assert pairs == [(c, s) for c in ("c1", "c2") for s in (4, 5, 6)]
     assert all(r.info.status == "FINISHED" for r in runs)
     sources = {r.data.tags["wrnsweep.confirm"]: r.data.tags["wrnsweep.confirm_source"]
                for r in runs}
@@ -312,7 +312,7 @@ def test_confirm_killed_mid_round_resumes_without_duplicates(searched: Path) -> 
     runs = _confirm_runs(client, meta)
     pairs = sorted((r.data.tags["wrnsweep.confirm"], r.data.tags["wrnsweep.confirm_seed"])
                    for r in runs)
-    assert pairs == [("c1", "1"), ("c1", "2"), ("c2", "1"), ("c2", "2")]  # none twice
+    assert pairs == [("c1", "4"), ("c1", "5"), ("c2", "4"), ("c2", "5")]  # none twice
     assert not [r for r in runs if r.info.status == "RUNNING"]
     parent = client.get_run(meta["parent_run_id"])
     assert parent.info.status == "FINISHED"
