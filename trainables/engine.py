@@ -28,9 +28,6 @@ from trainables.config import TrainConfig
 from trainables.data import Loader, Split, Splits, load_splits
 from trainables.models import build_model, count_params
 
-METRICS = (
-    "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_second",
-)
 DIVERGENCE_CHECK_STEPS = 50  # a host sync every 50 steps costs nothing measurable
 
 
