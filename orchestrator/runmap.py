@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainables.result import EpochResult
+
 # How a run the scheduler stopped is tagged, and shown ("PRUNED@3").
 PRUNED_TAG = "wrnsweep.pruned"
 STOPPED_AT_TAG = "wrnsweep.stopped_at_epoch"
@@ -72,9 +74,10 @@ class RunEntry:
         """MLflow status and tags of a trial that ended, from what was logged of it."""
         if errored or self.diverged:
             return "FAILED", ({DIVERGED_TAG: "true"} if self.diverged else {})
-        seen = max(self.seen_epoch, self.last_epoch)
-        if seen < (self.total_epochs or 0):
-            return "KILLED", {PRUNED_TAG: "true", STOPPED_AT_TAG: str(seen)}
+        last = EpochResult(epoch=max(self.seen_epoch, self.last_epoch),
+                           total_epochs=self.total_epochs or 0)
+        if last.stopped_early:
+            return "KILLED", {PRUNED_TAG: "true", STOPPED_AT_TAG: str(last.epoch)}
         return "FINISHED", {}
 
 
