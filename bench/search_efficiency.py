@@ -158,14 +158,15 @@ def run_sweep(doc: dict[str, Any], workdir: Path) -> Path:
 
 
 def _tracking(home: Path) -> tuple[dict[str, Any], Any]:
-    """The sweep's plan (``wrnsweep.json``) and a client of its MLflow store."""
+    """The sweep's manifest (``wrnsweep.json``, as every command reads it) and a client
+    of its MLflow store."""
+    import dataclasses
+
+    from orchestrator.manifest import Manifest
     from orchestrator.store import mlflow_client
 
-    meta = json.loads((home / "wrnsweep.json").read_text())
-    uri = meta["tracking_uri"]
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_absolute():
-        uri = f"sqlite:///{home / uri[len('sqlite:///'):]}"
-    return meta, mlflow_client(uri)
+    manifest = Manifest.load(home)
+    return dataclasses.asdict(manifest), mlflow_client(manifest.tracking_uri)
 
 
 def finished_sweep(home: Path, doc: dict[str, Any]) -> bool:
