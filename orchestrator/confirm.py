@@ -45,7 +45,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -57,10 +57,7 @@ ROUND_TAG = "wrnsweep.confirm_round"  # confirm-1, confirm-2, ...
 SOURCE_TAG = "wrnsweep.confirm_source"  # the search run the configuration came from
 SUMMARY_TAG = "wrnsweep.confirm.summary"
 TRAIN_ON = ("train", "train+val")
-STATS = ("n", "mean", "std", "median", "min", "max")
 SELECTION = {"train": ("best_val_acc", "max"), "train+val": ("train_loss", "min")}
-
-Echo = Callable[[str], None]
 
 
 class ConfirmInputError(ValueError):
