@@ -173,13 +173,26 @@ def finished_sweep(home: Path, doc: dict[str, Any]) -> bool:
     """Whether ``home`` holds ``doc``'s sweep run to its end (parent run FINISHED).
 
     ``--workdir`` reads such a sweep back instead of running it again: the benchmark
-    takes about an hour at its full size on 2 cores, so it can be run in parts.
+    takes hours at its full size on 2 cores, so it can be run in parts. The store is
+    read in a child process: MLflow keeps one SQLAlchemy engine per store URI for the
+    life of a process, so had this process opened a store that is then deleted and
+    run again at the same path (an interrupted run), it would go on reading the
+    deleted database through that engine's open connection.
     """
     if not (home / "wrnsweep.json").is_file() or not (home / "sweep.yaml").is_file():
         return False
     if (home / "sweep.yaml").read_text() != sweep_text(doc):
         return False  # the same arm and seed at another size or on another space
-    meta, client = _tracking(home)
+    check = ("import sys; sys.path.insert(0, sys.argv[1]); "
+             "from bench.search_efficiency import parent_finished; "
+             "sys.exit(0 if parent_finished(sys.argv[2]) else 1)")
+    return subprocess.run([sys.executable, "-c", check, str(REPO), str(home)],
+                          capture_output=True).returncode == 0
+
+
+def parent_finished(home: str | Path) -> bool:
+    """Whether the sweep in ``home`` has a parent run and MLflow says it FINISHED."""
+    meta, client = _tracking(Path(home))
     return bool(meta.get("parent_run_id")) and (
         client.get_run(meta["parent_run_id"]).info.status == "FINISHED")
 

@@ -114,11 +114,12 @@ def _sync(device: torch.device) -> None:
 
 
 # -- engine arm ------------------------------------------------------------------------
-def engine_images_per_s(case: Case, splits: Splits, batch: int) -> float:
-    """Images/s of one Trainer.train_one_epoch, after one warm-up epoch."""
+def engine_images_per_s(case: Case, splits: Splits, batch: int, compile: bool = False) -> float:
+    """Images/s of one Trainer.train_one_epoch, after one warm-up epoch (which also
+    holds torch.compile's compilation when ``compile``)."""
     cfg = TrainConfig.from_dict(dict(arch=case.arch, **case.hparams, dataset="synthetic",
                                      synthetic_size=len(splits.train), batch_size=batch,
-                                     device="auto"))
+                                     device="auto", compile=compile))
     trainer = Trainer(cfg, splits=splits)
     trainer.train_one_epoch()  # warm-up
     trainer.epoch += 1
@@ -201,6 +202,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="device peak in TFLOP/s (default: table by GPU name)")
     parser.add_argument("--plain-steps", type=int, default=None,
                         help="timed steps of the plain loop (default: 100 on CUDA, 2 on CPU)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the engine with `compile: true` (torch.compile, CUDA "
+                             "only: its warm-up epoch holds the compilation)")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -232,13 +236,21 @@ def main(argv: list[str] | None = None) -> None:
         plain = plain_images_per_s(case, splits, batch, device, warmup, steps)
         results[case.label] = {"engine": engine, "plain": plain}
         engine_settings = "bf16+channels_last, device data" if cuda else "fp32, device data"
-        for arm, ips, settings in (("engine", engine, engine_settings),
-                                   ("plain", plain, "fp32 NCHW, DataLoader(2 workers)")):
+        arms = [("engine", engine, engine_settings),
+                ("plain", plain, "fp32 NCHW, DataLoader(2 workers)")]
+        if args.compile and cuda:
+            compiled = engine_images_per_s(case, splits, batch, compile=True)
+            results[case.label]["compiled"] = compiled
+            arms.insert(1, ("engine+compile", compiled, engine_settings + ", torch.compile"))
+        for arm, ips, settings in arms:
             rows.append((case.label, str(batch), arm, settings, f"{ips:,.0f}",
                          f"{EPOCH_IMAGES / ips:,.1f}", _fmt_mfu(flops, ips, peak),
                          f"{flops / 1e9:.2f}"))
         rows.append((case.label, "", "ratio", "engine / plain", f"{engine / plain:.2f}x",
                      "", "", ""))
+        if "compiled" in results[case.label]:
+            rows.append((case.label, "", "ratio", "engine+compile / plain",
+                         f"{results[case.label]['compiled'] / plain:.2f}x", "", "", ""))
     if not cuda:
         rows.append(("(all)", "128", "engine/plain", "CUDA rows: not measured (no CUDA)",
                      "-", "-", "n/a", ""))
@@ -258,7 +270,13 @@ def main(argv: list[str] | None = None) -> None:
     if cuda:
         print(f"targets: WRN-28-10 engine MFU >= 40 % (got {wrn_mfu}); "
               f"ResNet-20 engine >= 3x plain (got {speedup})")
-    print(f"resnet20_speedup={speedup} wrn28_10_mfu={wrn_mfu} device={device.type}")
+    compiled = ""
+    if "compiled" in r20:  # --compile on CUDA
+        wrn_compiled = results["WRN-28-10"]["compiled"]
+        compiled = (f" resnet20_compile_speedup={r20['compiled'] / r20['plain']:.2f}"
+                    f" wrn28_10_compile_mfu={wrn_flops * wrn_compiled / (peak * 1e12):.3f}"
+                    if peak and wrn_compiled else "")
+    print(f"resnet20_speedup={speedup} wrn28_10_mfu={wrn_mfu}{compiled} device={device.type}")
 
 
 if __name__ == "__main__":

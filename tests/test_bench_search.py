@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,14 +14,22 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A folder under /tmp: Ray's socket paths below a work folder must stay under 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="eff-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.mark.slow
-def test_quick_search_efficiency_counts_the_epochs_the_runs_logged(tmp_path: Path,
-                                                                    capsys) -> None:
+def test_quick_search_efficiency_counts_the_epochs_the_runs_logged(tmp_path: Path, capsys,
+                                                                    short_tmp: Path) -> None:
     sys.path.insert(0, str(ROOT))
     from bench import search_efficiency
 
-    png = tmp_path / "curves.png"
-    out = search_efficiency.main(["--quick", "--png", str(png)])
+    png, workdir = tmp_path / "curves.png", short_tmp
+    out = search_efficiency.main(["--quick", "--png", str(png), "--workdir", str(workdir)])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("default_epochs_ratio=") and last.endswith("seeds=1")
     assert {r.arm for r in out["records"]} == {"random_fifo", "default"}
@@ -31,3 +43,22 @@ def test_quick_search_efficiency_counts_the_epochs_the_runs_logged(tmp_path: Pat
     fifo = next(r for r in out["records"] if r.arm == "random_fifo")
     assert fifo.epochs == 6  # FIFO runs every trial to its end
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # --workdir, a second invocation as a user runs it: a finished arm is read back, an
+    # interrupted one (its parent run not FINISHED) is run again at the same path
+    from orchestrator.manifest import Manifest
+    from orchestrator.store import mlflow_client
+
+    fifo_home = workdir / "runs" / "eff-random_fifo-0"
+    old_parent = Manifest.load(fifo_home).parent_run_id
+    client = mlflow_client(Manifest.load(fifo_home).tracking_uri)
+    client.set_terminated(old_parent, status="KILLED")
+    assert client.get_run(old_parent).info.status == "KILLED"
+    again = subprocess.run([sys.executable, str(ROOT / "bench" / "search_efficiency.py"),
+                            "--quick", "--png", str(png), "--workdir", str(workdir)],
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    seeds = [line for line in again.stdout.splitlines() if line.startswith("seed 0 ")]
+    assert len(seeds) == 2 and "(read back)" not in seeds[0] and "(read back)" in seeds[1]
+    assert "random_fifo  epochs    6" in seeds[0]  # read from the new store
+    assert Manifest.load(fifo_home).parent_run_id != old_parent
