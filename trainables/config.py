@@ -68,7 +68,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU: fp32 there)
     channels_last: bool = True  # NHWC on CUDA: faster convs on tensor cores
-    compile: bool = False  # torch.compile the model (CUDA only; minutes of warm-up)
+    compile: bool = False  # torch.compile the model (CUDA graphs on CUDA; a warm-up of ~20-30 s)
     num_threads: int | None = None  # CPU threads; None -> every core the process may use
     gpu_memory_fraction: float | None = None  # cap for a trial sharing a GPU
     extra: dict[str, Any] = field(default_factory=dict)  # unknown keys, kept for the log
