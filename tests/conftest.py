@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests._meta import FinishedSweep
+
+TWO_ARCH = Path(__file__).resolve().parent / "sweeps" / "two_arch.yaml"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -25,3 +31,17 @@ def signing_key_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]
         os.environ.pop("XDG_CONFIG_HOME", None)
     else:
         os.environ["XDG_CONFIG_HOME"] = before
+
+
+@pytest.fixture(scope="session")
+def two_arch_sweep(tmp_path_factory: pytest.TempPathFactory) -> FinishedSweep:
+    """tests/sweeps/two_arch.yaml launched once per test session (about a minute on 2
+    cores); the end-to-end modules each take a copy instead of launching it again.
+    Nobody changes this folder itself."""
+    work = tmp_path_factory.mktemp("two_arch")
+    wrnsweep = str(Path(sys.executable).with_name("wrnsweep"))
+    launch = subprocess.run([wrnsweep, "launch", str(TWO_ARCH), "--storage", str(work / "runs")],
+                            capture_output=True, text=True, cwd=work, timeout=600,
+                            env={**os.environ, "RAY_ADDRESS": ""})
+    assert launch.returncode == 0, launch.stdout[-3000:] + launch.stderr[-3000:]
+    return FinishedSweep(work / "runs" / "e2e", launch)

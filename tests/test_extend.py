@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tests._meta import sweep_meta
+from tests._meta import FinishedSweep, sweep_meta
 
 REPO = Path(__file__).resolve().parents[1]
-TWO_ARCH = REPO / "tests" / "sweeps" / "two_arch.yaml"
 WRNSWEEP = str(Path(sys.executable).with_name("wrnsweep"))
 
 pytestmark = pytest.mark.slow
@@ -42,12 +41,11 @@ def study_of(home: Path):
 
 
 @pytest.fixture(scope="module")
-def extended(tmp_path_factory) -> dict:
+def extended(two_arch_sweep: FinishedSweep, tmp_path_factory) -> dict:
+    """A copy of the session's finished 5-trial two_arch sweep, extended by 2 trials."""
     work = tmp_path_factory.mktemp("extend")
-    launched = wrnsweep("launch", str(TWO_ARCH), "--storage", str(work / "runs"),
-                        "--num-samples", "3", cwd=work)
-    assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
-    home = work / "runs" / "e2e"
+    launched = two_arch_sweep.launch
+    home = two_arch_sweep.copy_to(work)
     before = [(t.number, t.params, t.state) for t in study_of(home).trials]
     result = wrnsweep("extend", str(home), "--num-samples", "2", cwd=work)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -72,29 +70,29 @@ def test_extend_adds_trials_to_the_same_parent_run(extended) -> None:
 
     home = extended["home"]
     meta = sweep_meta(home)
-    assert meta["num_samples"] == 5 and meta["rounds"] == ("extend-1",)
+    assert meta["num_samples"] == 7 and meta["rounds"] == ("extend-1",)
     client = MlflowClient(tracking_uri=meta["tracking_uri"], registry_uri=meta["tracking_uri"])
     runs = client.search_runs(
         [meta["experiment_id"]],
         filter_string=f"tags.`mlflow.parentRunId` = '{meta['parent_run_id']}'")
-    assert len(runs) == 5
-    assert len({r.data.tags["wrnsweep.trial_id"] for r in runs}) == 5
+    assert len(runs) == 7
+    assert len({r.data.tags["wrnsweep.trial_id"] for r in runs}) == 7
     assert all(r.info.status in ("FINISHED", "KILLED") for r in runs)
     # Only one parent run in the experiment, finished again, with the new total.
     parents = [r for r in client.search_runs([meta["experiment_id"]])
                if "mlflow.parentRunId" not in r.data.tags]
     assert [p.info.run_id for p in parents] == [meta["parent_run_id"]]
     assert parents[0].info.status == "FINISHED"
-    assert parents[0].data.tags["wrnsweep.num_samples"] == "5"
-    assert parents[0].data.metrics["trials"] == 5
+    assert parents[0].data.tags["wrnsweep.num_samples"] == "7"
+    assert parents[0].data.metrics["trials"] == 7
 
 
 def test_extend_continues_the_optuna_study(extended) -> None:
     home, before = extended["home"], extended["before"]
     after = study_of(home).trials
-    assert len(before) == 3 and len(after) == 5
-    # The first three trials are the launch's, unchanged: the study went on, not anew.
-    assert [(t.number, t.params, t.state) for t in after[:3]] == before
+    assert len(before) == 5 and len(after) == 7
+    # The first five trials are the launch's, unchanged: the study went on, not anew.
+    assert [(t.number, t.params, t.state) for t in after[:5]] == before
     assert all(t.state.is_finished() for t in after)
     # The searcher's state is JSON beside the journal: nothing of it is a pickle.
     assert not list(home.rglob("searcher-state-*.pkl"))
@@ -124,7 +122,7 @@ def test_extend_registers_across_rounds_without_duplicates(extended) -> None:
 
     board = wrnsweep("best", str(home), "--json", cwd=extended["work"])
     assert board.returncode == 0, board.stderr
-    assert len(json.loads(board.stdout)) == 5
+    assert len(json.loads(board.stdout)) == 7
 
 
 def test_extend_rejects_bad_input(tmp_path) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests._meta import sweep_meta
+from tests._meta import FinishedSweep, sweep_meta
 
 REPO = Path(__file__).resolve().parents[1]
 TWO_ARCH = REPO / "tests" / "sweeps" / "two_arch.yaml"
@@ -55,11 +55,10 @@ def epoch_steps(client, run_id: str) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def finished_sweep(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess[str]]:
-    work = tmp_path_factory.mktemp("launch")
-    result = wrnsweep("launch", str(TWO_ARCH), "--storage", str(work / "runs"), cwd=work)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return work / "runs" / "e2e", result
+def finished_sweep(two_arch_sweep: FinishedSweep,
+                   tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """This module's copy of the session's finished two_arch sweep, and its launch."""
+    return two_arch_sweep.copy_to(tmp_path_factory.mktemp("launch")), two_arch_sweep.launch
 
 
 def test_launch_tracks_every_trial_under_one_parent(finished_sweep) -> None:
