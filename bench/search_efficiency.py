@@ -22,6 +22,11 @@ seed in which an arm never reaches the target counts with the epochs it spent
 (a lower bound, marked ``>``), so the ratio can only flatter a failing arm less
 than it would with an infinite count and the table says how many seeds reached it.
 
+Also printed, per seed: which trial (in start order) first reached the target in
+each arm, and the fewest epochs any one trial of the seed needed to reach it alone,
+a floor under every arm's ratio (a searcher whose very first trial were the seed's
+fastest configuration would still spend that many epochs).
+
 Arms: ``random_fifo`` (baseline), ``random_asha`` (random search, the default
 ASHA), ``default`` (the sweep file says nothing about search algorithm or
 scheduler: what a user gets).
@@ -118,6 +123,10 @@ class RunRecord:
     histories: dict[str, int] = field(default_factory=dict)  # run id -> val_acc points
     last_epochs: dict[str, int] = field(default_factory=dict)  # run id -> its "epoch" metric
     test_acc: float | None = None  # the champion's tag
+    # run id -> its val_acc per epoch; the run ids in the order their first epoch was logged
+    values: dict[str, list[float]] = field(default_factory=dict)
+    started: list[str] = field(default_factory=list)
+    curve_runs: list[str] = field(default_factory=list)  # the run of each point of the curve
 
     @property
     def final_best(self) -> float:
@@ -126,6 +135,20 @@ class RunRecord:
     @property
     def epochs(self) -> int:
         return len(self.curve)
+
+    def trial_reaching(self, target: float) -> int | None:
+        """Which trial (1-based, in the order they started) first reaches ``target``
+        in the anytime curve; None if none does."""
+        spent, reached = self.epochs_to(target)
+        return self.started.index(self.curve_runs[spent - 1]) + 1 if reached else None
+
+    def fewest_epochs(self, target: float) -> int | None:
+        """The fewest epochs any one trial of this run needed to reach ``target`` on its
+        own (None if no trial reached it): what an arm spends at the least even if its
+        first trial were that configuration."""
+        firsts = [next(i for i, v in enumerate(vals, 1) if v >= target - 1e-12)
+                  for vals in self.values.values() if max(vals, default=0) >= target - 1e-12]
+        return min(firsts, default=None)
 
     def epochs_to(self, target: float) -> tuple[int, bool]:
         """Epochs spent when the best first reaches ``target`` (or all of them, False)."""
@@ -213,9 +236,14 @@ def read_record(home: Path, arm: str, seed: int) -> RunRecord:
         record.last_epochs[run.info.run_id] = int(run.data.metrics.get("epoch", 0))
         points += [(m.timestamp, run.info.run_id, m.step, m.value) for m in history]
     best = -math.inf
-    for _, _, _, value in sorted(points):
+    for _, run_id, _, value in sorted(points):
         best = max(best, value)
         record.curve.append(best)
+        record.curve_runs.append(run_id)
+        if run_id not in record.started:
+            record.started.append(run_id)
+    for _, run_id, _, value in sorted(points, key=lambda p: (p[1], p[2])):
+        record.values.setdefault(run_id, []).append(value)
     champion = client.get_model_version_by_alias(meta["registered_model"], "champion")
     test = (champion.tags or {}).get("test_acc")
     record.test_acc = float(test) if test not in (None, "n/a") else None
@@ -247,6 +275,31 @@ def summarise(records: list[RunRecord], target: float) -> dict[str, ArmSummary]:
     for s in out.values():
         s.ratio = geometric_mean([e / base for e, _ in s.epochs_to_target])
     return out
+
+
+def print_why(records: list[RunRecord], target: float) -> None:
+    """Per seed: which trial reached the target first in each arm, and the fewest epochs
+    any one trial of the seed (any arm) needed to reach it alone. The latter bounds
+    every arm from below: an arm reaches the target after at least that many epochs
+    even if its very first trial is that configuration, so no searcher's ratio can go
+    under ``floor``, the geometric mean of those epochs over the baseline's median."""
+    base = statistics.median(r.epochs_to(target)[0] for r in records if r.arm == BASELINE)
+    print("\nfirst trial to reach the target (in start order), per seed and arm; "
+          "fewest epochs one trial needed")
+    fewest_per_seed = []
+    for seed in sorted({r.seed for r in records}):
+        runs = [r for r in records if r.seed == seed]
+        fewest = min((f for r in runs if (f := r.fewest_epochs(target)) is not None),
+                     default=None)
+        if fewest is not None:
+            fewest_per_seed.append(fewest)
+        hits = "  ".join(f"{r.arm} #{r.trial_reaching(target) or '-'} "
+                         f"({r.epochs_to(target)[0]} epochs)" for r in runs)
+        print(f"seed {seed}: {hits}  fewest {fewest if fewest is not None else '-'}")
+    if fewest_per_seed:
+        floor = geometric_mean([f / base for f in fewest_per_seed])
+        print(f"floor: any arm's epochs ratio >= {floor:.3f} (one trial alone, the "
+              f"seed's fastest configuration, against the baseline's median {base:.0f})")
 
 
 def plot(records: list[RunRecord], target: float, path: Path) -> None:
@@ -355,6 +408,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         final = statistics.median(summary["default"].final_bests)
         print(f"default median final best {final:.4f} "
               f"{'>=' if final >= target - 1e-12 else '<'} target {target:.4f}")
+    print_why(records, target)
     plot(records, target, args.png)
     print(f"figure: {args.png}")
     ratios = {arm: summary[arm].ratio for arm in summary}

@@ -14,6 +14,21 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def test_which_trial_reached_the_target_and_the_fewest_epochs_one_trial_needed() -> None:
+    """Two trials logged interleaved: a (0.5, 0.9) and b (0.7, 0.95, 0.97); curve order
+    a1 b1 a2 b2 b3. Target 0.94: b's second epoch (the curve's 4th point) reaches it."""
+    sys.path.insert(0, str(ROOT))
+    from bench.search_efficiency import RunRecord
+
+    record = RunRecord("default", 0, curve=[0.5, 0.7, 0.9, 0.95, 0.97],
+                       values={"a": [0.5, 0.9], "b": [0.7, 0.95, 0.97]},
+                       started=["a", "b"], curve_runs=["a", "b", "a", "b", "b"])
+    assert record.epochs_to(0.94) == (4, True)
+    assert record.trial_reaching(0.94) == 2 and record.fewest_epochs(0.94) == 2
+    assert record.trial_reaching(0.85) == 1 and record.fewest_epochs(0.85) == 2
+    assert record.trial_reaching(0.99) is None and record.fewest_epochs(0.99) is None
+
+
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
     """A folder under /tmp: Ray's socket paths below a work folder must stay under 107 bytes."""
@@ -30,7 +45,9 @@ def test_quick_search_efficiency_counts_the_epochs_the_runs_logged(tmp_path: Pat
 
     png, workdir = tmp_path / "curves.png", short_tmp
     out = search_efficiency.main(["--quick", "--png", str(png), "--workdir", str(workdir)])
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+    printed = capsys.readouterr().out
+    last = printed.strip().splitlines()[-1]
+    assert "seed 0: random_fifo #" in printed  # which trial reached the target, per arm
     assert last.startswith("default_epochs_ratio=") and last.endswith("seeds=1")
     assert {r.arm for r in out["records"]} == {"random_fifo", "default"}
     for record in out["records"]:
