@@ -34,8 +34,13 @@ on the CPU over 3-step epochs (ResNet-20 at batch 128, WRN-16-8 at batch 16), th
 plain loop for 2 steps, and WRN-28-10 is
 "not measured (CPU too slow)"; CUDA numbers are absent. The CPU rows are a smoke
 run (a few steps on shared cores): their ratios vary by several x between runs.
-Usage: ``.venv/bin/python bench/train_throughput.py``. The last line is
-``resnet20_speedup=X wrn28_10_mfu=Y device=cpu|cuda`` ("n/a" when not measured).
+With ``--compile`` (CUDA only) a third arm times the engine with ``compile: true``
+(torch.compile with CUDA graphs); its warm-up epoch holds the compilation.
+Measured on an H200: README "On a GPU", logs in ``bench/results/h200-*.log``.
+Usage: ``.venv/bin/python bench/train_throughput.py [--compile]``. The last line is
+``resnet20_speedup=X wrn28_10_mfu=Y device=cpu|cuda`` ("n/a" when not measured), with
+``resnet20_compile_speedup=X wrn28_10_compile_mfu=Y`` before ``device`` under
+``--compile`` on CUDA.
 """
 
 from __future__ import annotations
