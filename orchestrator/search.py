@@ -25,7 +25,9 @@ digits, 8 epochs: rank correlation of val_acc with the trial's final best 0.14
 after epoch 1, 0.85 after epoch 4), and ASHA at grace 1 stopped the eventual
 winner after its first epoch in 2 of 3 sweeps. A sweep file's ``grace_period``
 still wins. What the defaults save is measured by ``bench/search_efficiency.py``
-(README, "Search efficiency"); so far on one seed, which is not yet a claim.
+(README, "Search efficiency"; 5 seeds on digits): a quarter fewer epochs than random
+search with FIFO (96 against 128) and a better median final best (0.9852 against
+0.9778), but not a third of its epochs to its median best (ratio 0.81).
 
 The study lives in an Optuna journal (``optuna-journal.jsonl`` in the sweep
 folder: JSON lines, one per change, appended as they happen), not in a pickle:
