@@ -103,9 +103,10 @@ class Trainer:
         # Compiled and eager modules share parameters; checkpoints use the eager one.
         # On CUDA with CUDA graphs ("reduce-overhead"): a small network's step at batch
         # 128 is bound by kernel launches, not the GPU (ResNet-20 on an H200: 376
-        # launches, 12.9 ms of host time against 2.2 ms of GPU time a step); replaying
-        # graphs gave it 46,153 images/s against 12,057 eager and 12,631 compiled
-        # without graphs (README "On a GPU", bench/results/h200-*.log).
+        # launches, 12.9 ms of host time against 2.2 ms of GPU time a step, under the
+        # profiler); with graphs it ran 39,626 images/s against 15,681 eager in the same
+        # run, and torch.compile without graphs did not help (README "On a GPU",
+        # bench/results/h200-train_throughput_graphs.log and -_compile.log).
         self.forward: Callable[[torch.Tensor], torch.Tensor] = (
             torch.compile(self.model, mode="reduce-overhead" if self.cuda else None)
             if cfg.compile else self.model  # type: ignore[assignment]
