@@ -37,8 +37,8 @@ digits) and ``all`` (the four families of ``all.yaml`` at smoke scale); the
 dataset can be switched to ``synthetic``.
 
 Usage: ``.venv/bin/python bench/search_efficiency.py [--seeds 5] [--trials 16]
-[--epochs 8] [--space digits|all] [--dataset digits|synthetic] [--png FILE]
-[--workdir DIR]``; ``--quick`` (1 seed, 3 trials of 2 epochs, baseline and default
+[--epochs 8] [--space digits|all] [--dataset digits|synthetic [--synthetic-size N]]
+[--png FILE] [--workdir DIR]``; ``--quick`` (1 seed, 3 trials of 2 epochs, baseline and default
 only) checks the whole path in about two minutes. At full size one arm and seed
 takes 8-16 minutes on 2 shared cores (about 9 epochs a minute), so the 5-seed
 run takes hours: ``--workdir DIR`` keeps the sweeps there and reads back every
@@ -93,13 +93,15 @@ SPACES: dict[str, dict[str, Any]] = {
 
 
 def sweep_file(space: str, arm: str, *, seed: int, trials: int, epochs: int,
-               dataset: str) -> dict[str, Any]:
-    """The sweep file of one arm and seed (a dict, written as JSON: YAML reads it)."""
+               dataset: str, synthetic_size: int | None = None) -> dict[str, Any]:
+    """The sweep file of one arm and seed (a dict, written as JSON: YAML reads it).
+    ``synthetic_size``: training images of the synthetic set (its default if None)."""
     search = {"num_samples": trials, "max_concurrent": 2, "metric": "val_acc", "seed": seed,
               **ARMS[arm]["search"]}
     doc: dict[str, Any] = {
         "name": f"eff-{arm}-{seed}",
-        "dataset": dataset,
+        "dataset": (dataset if synthetic_size is None
+                    else {"name": dataset, "synthetic_size": synthetic_size}),
         "architectures": SPACES[space],
         "recipe": {"epochs": epochs, "batch_size": 64,
                    "lr": {"low": 0.003, "high": 1.0, "log": True},
@@ -336,6 +338,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--space", choices=sorted(SPACES), default="digits")
     parser.add_argument("--dataset", choices=sorted(VAL_IMAGES), default="digits")
+    parser.add_argument("--synthetic-size", type=int, default=None,
+                        help="training images of the synthetic set (default: its 2048)")
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms")
     parser.add_argument("--png", type=Path, default=Path("search_efficiency.png"))
     parser.add_argument("--quick", action="store_true",
@@ -347,12 +351,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.trials, args.epochs, args.arms = 1, 3, 2, f"{BASELINE},default"
+    if args.synthetic_size is not None and args.dataset != "synthetic":
+        parser.error("--synthetic-size needs --dataset synthetic")
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     if BASELINE not in arms:
         parser.error(f"--arms must include the baseline {BASELINE}")
     for line in machine_lines(("torch", "ray", "optuna", "mlflow")):
         print(line)
-    print(f"space={args.space} dataset={args.dataset} trials={args.trials} "
+    size = f" synthetic_size={args.synthetic_size}" if args.synthetic_size else ""
+    print(f"space={args.space} dataset={args.dataset}{size} trials={args.trials} "
           f"epochs={args.epochs} seeds={args.seeds} arms={','.join(arms)}")
 
     if args.workdir is not None:
@@ -367,7 +374,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for seed in range(args.seeds):
             for arm in arms:
                 doc = sweep_file(args.space, arm, seed=seed, trials=args.trials,
-                                 epochs=args.epochs, dataset=args.dataset)
+                                 epochs=args.epochs, dataset=args.dataset,
+                                 synthetic_size=args.synthetic_size)
                 home = workdir / "runs" / doc["name"]
                 reused = args.workdir is not None and finished_sweep(home, doc)
                 if not reused:

@@ -37,18 +37,51 @@ def short_tmp() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+# An arm's folder as an interrupted run leaves it: the same sweep file, a manifest and a
+# store whose parent run never finished. Made in a child process, as the run it stands
+# for was: this process must not hold the store open when the bench deletes it.
+INTERRUPTED = """\
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from bench.search_efficiency import sweep_file, sweep_text
+from orchestrator.config import parse_sweep
+from orchestrator.sweep import _start_tracking, make_manifest
+doc = sweep_file("digits", "random_fifo", seed=0, trials=3, epochs=2, dataset="digits")
+storage = Path(sys.argv[2])
+home = storage / doc["name"]
+home.mkdir(parents=True)
+(home / "sweep.yaml").write_text(sweep_text(doc))
+cfg = parse_sweep(sweep_text(doc), str(home / "sweep.yaml"))
+manifest = _start_tracking(cfg, make_manifest(cfg, sweep_file=str(home / "sweep.yaml"),
+                                              storage=str(storage)))
+manifest.save()
+print(manifest.parent_run_id)
+"""
+
+
 @pytest.mark.slow
 def test_quick_search_efficiency_counts_the_epochs_the_runs_logged(tmp_path: Path, capsys,
                                                                     short_tmp: Path) -> None:
     sys.path.insert(0, str(ROOT))
     from bench import search_efficiency
+    from orchestrator.manifest import Manifest
 
     png, workdir = tmp_path / "curves.png", short_tmp
+    # --workdir over a baseline folder that an interrupted run left: run again, not read
+    made = subprocess.run([sys.executable, "-c", INTERRUPTED, str(ROOT), str(workdir / "runs")],
+                          capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-3000:]
+    fifo_home = workdir / "runs" / "eff-random_fifo-0"
+    assert Manifest.load(fifo_home).parent_run_id == made.stdout.strip()
+
     out = search_efficiency.main(["--quick", "--png", str(png), "--workdir", str(workdir)])
     printed = capsys.readouterr().out
     last = printed.strip().splitlines()[-1]
     assert "seed 0: random_fifo #" in printed  # which trial reached the target, per arm
     assert last.startswith("default_epochs_ratio=") and last.endswith("seeds=1")
+    assert "(read back)" not in printed
+    assert Manifest.load(fifo_home).parent_run_id != made.stdout.strip()
     assert {r.arm for r in out["records"]} == {"random_fifo", "default"}
     for record in out["records"]:
         # every epoch of every trial, as MLflow holds it: its val_acc history and, read
@@ -58,24 +91,12 @@ def test_quick_search_efficiency_counts_the_epochs_the_runs_logged(tmp_path: Pat
         assert len(record.histories) == 3 and 3 <= record.epochs <= 6
         assert record.curve == sorted(record.curve)  # a best-so-far never drops
     fifo = next(r for r in out["records"] if r.arm == "random_fifo")
-    assert fifo.epochs == 6  # FIFO runs every trial to its end
+    assert fifo.epochs == 6  # FIFO runs every trial to its end (read from the new store)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # --workdir, a second invocation as a user runs it: a finished arm is read back, an
-    # interrupted one (its parent run not FINISHED) is run again at the same path
-    from orchestrator.manifest import Manifest
-    from orchestrator.store import mlflow_client
-
-    fifo_home = workdir / "runs" / "eff-random_fifo-0"
-    old_parent = Manifest.load(fifo_home).parent_run_id
-    client = mlflow_client(Manifest.load(fifo_home).tracking_uri)
-    client.set_terminated(old_parent, status="KILLED")
-    assert client.get_run(old_parent).info.status == "KILLED"
-    again = subprocess.run([sys.executable, str(ROOT / "bench" / "search_efficiency.py"),
-                            "--quick", "--png", str(png), "--workdir", str(workdir)],
-                           capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
-    seeds = [line for line in again.stdout.splitlines() if line.startswith("seed 0 ")]
-    assert len(seeds) == 2 and "(read back)" not in seeds[0] and "(read back)" in seeds[1]
-    assert "random_fifo  epochs    6" in seeds[0]  # read from the new store
-    assert Manifest.load(fifo_home).parent_run_id != old_parent
+    # Again over the same folder: both arms finished there, so both are read back and
+    # give the same records without training.
+    again = search_efficiency.main(["--quick", "--png", str(png), "--workdir", str(workdir)])
+    seeds = [line for line in capsys.readouterr().out.splitlines() if line.startswith("seed 0 ")]
+    assert len(seeds) == 2 and all("(read back)" in line for line in seeds)
+    assert [r.curve for r in again["records"]] == [r.curve for r in out["records"]]

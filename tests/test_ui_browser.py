@@ -10,7 +10,8 @@ and its logged model's page (metrics). Screenshots of the pages go to
 ``$WRNSWEEP_TEST_ARTIFACTS`` (else tmp_path).
 
 ``wrnsweep ui`` is driven as a user would: on a finished sweep folder with the
-embedded SQLite store it serves the experiment on 127.0.0.1 until SIGINT
+embedded SQLite store (a copy of the session's, tests/sweeps/two_arch.yaml) it
+serves the experiment on 127.0.0.1 until SIGINT
 (exit 0); for a sweep tracked on a server it only prints the URL; a missing
 folder or a busy port exits 2 with nothing started.
 """
@@ -132,6 +133,7 @@ class Trial:
     run_id: str
     name: str
     val_acc: float
+    status: str
 
 
 @dataclass
@@ -152,8 +154,8 @@ def tracked(home: Path) -> TrackedSweep:
     runs = client.search_runs(
         [meta["experiment_id"]],
         filter_string=f"tags.`mlflow.parentRunId` = '{meta['parent_run_id']}'")
-    assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
-    trials = [Trial(r.info.run_id, r.info.run_name, r.data.metrics["val_acc"]) for r in runs]
+    trials = [Trial(r.info.run_id, r.info.run_name, r.data.metrics["val_acc"], r.info.status)
+              for r in runs]
     return TrackedSweep(home, meta["tracking_uri"], meta["experiment_id"],
                         meta["parent_run_id"], trials)
 
@@ -213,45 +215,38 @@ def start_mlflow_server(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
 
 
 @pytest.fixture(scope="module")
-def sweeps(tmp_path_factory) -> Iterator[dict[str, TrackedSweep]]:
-    """The UI sweep twice, side by side (each mostly waits on its own Ray starting):
-    "server" into a real `mlflow server`, "local" into the embedded store of its
-    folder (sqlite:///<sweep>/mlflow.db)."""
+def server_sweep(tmp_path_factory) -> Iterator[TrackedSweep]:
+    """The UI sweep tracked on a real `mlflow server` on 127.0.0.1: three trials, every
+    one FINISHED."""
     work = tmp_path_factory.mktemp("ui")
-    local = start_launch(work / "local")
     server, uri = start_mlflow_server(work / "mlflow")
 
     def up() -> bool:
         assert server.poll() is None, (work / "mlflow" / "server.log").read_text()[-3000:]
         return http_ok(f"{uri}/health")
 
-    launches = [local]
+    launch = None
     try:
         wait_for(up, 120, "mlflow server to answer /health")
-        launches.append(start_launch(work / "server", "--tracking-uri", uri))
-        out = {"server": tracked(finished(launches[1], work / "server")),
-               "local": tracked(finished(local, work / "local"))}
-        assert out["local"].tracking_uri.startswith("sqlite:///")
-        yield out
+        launch = start_launch(work / "server", "--tracking-uri", uri)
+        sweep = tracked(finished(launch, work / "server"))
+        assert [t.status for t in sweep.trials] == ["FINISHED"] * 3
+        yield sweep
     finally:
-        for proc in launches:  # still running only when the fixture failed
-            if proc.poll() is None:
-                proc.terminate()  # SIGTERM: the driver stops the Ray it started
-                proc.wait(timeout=120)
+        if launch is not None and launch.poll() is None:  # only when the fixture failed
+            launch.terminate()  # SIGTERM: the driver stops the Ray it started
+            launch.wait(timeout=120)
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")
-def server_sweep(sweeps: dict[str, TrackedSweep]) -> TrackedSweep:
-    """The sweep tracked on a real `mlflow server` on 127.0.0.1."""
-    return sweeps["server"]
-
-
-@pytest.fixture(scope="module")
-def local_sweep(sweeps: dict[str, TrackedSweep]) -> TrackedSweep:
-    """The sweep with the embedded store: sqlite:///<sweep>/mlflow.db."""
-    return sweeps["local"]
+def local_sweep(two_arch_sweep, tmp_path_factory) -> TrackedSweep:
+    """A sweep with the embedded store, sqlite:///<sweep>/mlflow.db: a copy of the
+    session's (tests/sweeps/two_arch.yaml, experiment "e2e")."""
+    sweep = tracked(two_arch_sweep.copy_to(tmp_path_factory.mktemp("ui-local")))
+    assert sweep.tracking_uri.startswith("sqlite:///")
+    return sweep
 
 
 @pytest.fixture(scope="module")
@@ -401,7 +396,7 @@ def test_ui_serves_the_sweep_on_localhost_until_sigint(local_sweep, tmp_path: Pa
         wait_for(lambda: url in log.read_text(), 30, f"wrnsweep ui to print {url}")
         got = get_json(f"{base}/ajax-api/2.0/mlflow/experiments/get?"
                        f"experiment_id={local_sweep.experiment_id}")
-        assert got["experiment"]["name"] == "ui"
+        assert got["experiment"]["name"] == "e2e"
         assert got["experiment"]["artifact_location"] == (
             (local_sweep.home / "mlartifacts").resolve().as_uri())
         assert set(listening_addresses(port)) == {"127.0.0.1"}
