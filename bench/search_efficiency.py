@@ -125,9 +125,7 @@ class RunRecord:
     histories: dict[str, int] = field(default_factory=dict)  # run id -> val_acc points
     last_epochs: dict[str, int] = field(default_factory=dict)  # run id -> its "epoch" metric
     test_acc: float | None = None  # the champion's tag
-    # run id -> its val_acc per epoch; the run ids in the order their first epoch was logged
-    values: dict[str, list[float]] = field(default_factory=dict)
-    started: list[str] = field(default_factory=list)
+    values: dict[str, list[float]] = field(default_factory=dict)  # run id -> val_acc per epoch
     curve_runs: list[str] = field(default_factory=list)  # the run of each point of the curve
 
     @property
@@ -137,6 +135,11 @@ class RunRecord:
     @property
     def epochs(self) -> int:
         return len(self.curve)
+
+    @property
+    def started(self) -> list[str]:
+        """The run ids in the order their first epoch was logged."""
+        return list(dict.fromkeys(self.curve_runs))
 
     def trial_reaching(self, target: float) -> int | None:
         """Which trial (1-based, in the order they started) first reaches ``target``
@@ -242,8 +245,6 @@ def read_record(home: Path, arm: str, seed: int) -> RunRecord:
         best = max(best, value)
         record.curve.append(best)
         record.curve_runs.append(run_id)
-        if run_id not in record.started:
-            record.started.append(run_id)
     for _, run_id, _, value in sorted(points, key=lambda p: (p[1], p[2])):
         record.values.setdefault(run_id, []).append(value)
     champion = client.get_model_version_by_alias(meta["registered_model"], "champion")

@@ -22,7 +22,7 @@ def test_which_trial_reached_the_target_and_the_fewest_epochs_one_trial_needed()
 
     record = RunRecord("default", 0, curve=[0.5, 0.7, 0.9, 0.95, 0.97],
                        values={"a": [0.5, 0.9], "b": [0.7, 0.95, 0.97]},
-                       started=["a", "b"], curve_runs=["a", "b", "a", "b", "b"])
+                       curve_runs=["a", "b", "a", "b", "b"])
     assert record.epochs_to(0.94) == (4, True)
     assert record.trial_reaching(0.94) == 2 and record.fewest_epochs(0.94) == 2
     assert record.trial_reaching(0.85) == 1 and record.fewest_epochs(0.85) == 2
