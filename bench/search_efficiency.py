@@ -50,6 +50,7 @@ arm and seed that finished there before, so the benchmark can be run in parts
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -126,6 +127,7 @@ class RunRecord:
     last_epochs: dict[str, int] = field(default_factory=dict)  # run id -> its "epoch" metric
     test_acc: float | None = None  # the champion's tag
     values: dict[str, list[float]] = field(default_factory=dict)  # run id -> val_acc per epoch
+    lrs: dict[str, float] = field(default_factory=dict)  # run id -> its learning rate
     curve_runs: list[str] = field(default_factory=list)  # the run of each point of the curve
 
     @property
@@ -147,13 +149,16 @@ class RunRecord:
         spent, reached = self.epochs_to(target)
         return self.started.index(self.curve_runs[spent - 1]) + 1 if reached else None
 
+    def reaching(self, target: float) -> dict[str, int]:
+        """The trials that reach ``target`` on their own: run id -> the epoch they do."""
+        return {run: next(i for i, v in enumerate(vals, 1) if v >= target - 1e-12)
+                for run, vals in self.values.items() if max(vals, default=0) >= target - 1e-12}
+
     def fewest_epochs(self, target: float) -> int | None:
         """The fewest epochs any one trial of this run needed to reach ``target`` on its
         own (None if no trial reached it): what an arm spends at the least even if its
         first trial were that configuration."""
-        firsts = [next(i for i, v in enumerate(vals, 1) if v >= target - 1e-12)
-                  for vals in self.values.values() if max(vals, default=0) >= target - 1e-12]
-        return min(firsts, default=None)
+        return min(self.reaching(target).values(), default=None)
 
     def epochs_to(self, target: float) -> tuple[int, bool]:
         """Epochs spent when the best first reaches ``target`` (or all of them, False)."""
@@ -239,6 +244,7 @@ def read_record(home: Path, arm: str, seed: int) -> RunRecord:
         history = client.get_metric_history(run.info.run_id, "val_acc")
         record.histories[run.info.run_id] = len(history)
         record.last_epochs[run.info.run_id] = int(run.data.metrics.get("epoch", 0))
+        record.lrs[run.info.run_id] = float(run.data.params.get("lr", "nan"))
         points += [(m.timestamp, run.info.run_id, m.step, m.value) for m in history]
     best = -math.inf
     for _, run_id, _, value in sorted(points):
@@ -303,6 +309,27 @@ def print_why(records: list[RunRecord], target: float) -> None:
         floor = geometric_mean([f / base for f in fewest_per_seed])
         print(f"floor: any arm's epochs ratio >= {floor:.3f} (one trial alone, the "
               f"seed's fastest configuration, against the baseline's median {base:.0f})")
+    print_rarity([r for r in records if r.arm == BASELINE], target)
+
+
+LR_BANDS = (0.003, 0.03, 0.06, 0.15, 0.4, 1.0)  # over the benchmark's lr range [0.003, 1]
+
+
+def print_rarity(baseline: list[RunRecord], target: float) -> None:
+    """How many of the baseline's trials (every one run to its end) reach the target
+    on their own, by learning-rate band, and after how many epochs: how likely any
+    one trial, however chosen, is to reach it."""
+    trials = [(r.lrs.get(run, math.nan), r.reaching(target).get(run))
+              for r in baseline for run in r.values]
+    hits = [epoch for _, epoch in trials if epoch is not None]
+    spread = f", after {min(hits)}-{max(hits)} epochs" if hits else ""
+    print(f"baseline trials reaching the target alone: {len(hits)} of {len(trials)}{spread}")
+    bands = []
+    for low, high in itertools.pairwise(LR_BANDS):
+        mine = [epoch for lr, epoch in trials
+                if low <= lr < high or (high == LR_BANDS[-1] and lr == high)]
+        bands.append(f"[{low:g}, {high:g}): {sum(e is not None for e in mine)} of {len(mine)}")
+    print("  by lr: " + "  ".join(bands))
 
 
 def plot(records: list[RunRecord], target: float, path: Path) -> None:

@@ -14,19 +14,27 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_which_trial_reached_the_target_and_the_fewest_epochs_one_trial_needed() -> None:
+def test_which_trial_reached_the_target_and_the_fewest_epochs_one_trial_needed(
+        capsys) -> None:
     """Two trials logged interleaved: a (0.5, 0.9) and b (0.7, 0.95, 0.97); curve order
     a1 b1 a2 b2 b3. Target 0.94: b's second epoch (the curve's 4th point) reaches it."""
     sys.path.insert(0, str(ROOT))
-    from bench.search_efficiency import RunRecord
+    from bench.search_efficiency import RunRecord, print_rarity
 
-    record = RunRecord("default", 0, curve=[0.5, 0.7, 0.9, 0.95, 0.97],
+    record = RunRecord("random_fifo", 0, curve=[0.5, 0.7, 0.9, 0.95, 0.97],
                        values={"a": [0.5, 0.9], "b": [0.7, 0.95, 0.97]},
-                       curve_runs=["a", "b", "a", "b", "b"])
+                       lrs={"a": 0.01, "b": 1.0}, curve_runs=["a", "b", "a", "b", "b"])
+    assert record.started == ["a", "b"]
     assert record.epochs_to(0.94) == (4, True)
     assert record.trial_reaching(0.94) == 2 and record.fewest_epochs(0.94) == 2
     assert record.trial_reaching(0.85) == 1 and record.fewest_epochs(0.85) == 2
     assert record.trial_reaching(0.99) is None and record.fewest_epochs(0.99) is None
+    assert record.reaching(0.85) == {"a": 2, "b": 2}
+
+    print_rarity([record], 0.94)  # b alone, at epoch 2, in the top band (lr 1 included)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "baseline trials reaching the target alone: 1 of 2, after 2-2 epochs"
+    assert "[0.003, 0.03): 0 of 1" in lines[1] and "[0.4, 1): 1 of 1" in lines[1]
 
 
 @pytest.fixture
