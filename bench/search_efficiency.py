@@ -319,8 +319,10 @@ def print_rarity(baseline: list[RunRecord], target: float) -> None:
     """How many of the baseline's trials (every one run to its end) reach the target
     on their own, by learning-rate band, and after how many epochs: how likely any
     one trial, however chosen, is to reach it."""
-    trials = [(r.lrs.get(run, math.nan), r.reaching(target).get(run))
-              for r in baseline for run in r.values]
+    trials: list[tuple[float, int | None]] = []  # (lr, the epoch it reaches the target)
+    for r in baseline:
+        reached = r.reaching(target)  # once per sweep, not once per trial
+        trials += [(r.lrs.get(run, math.nan), reached.get(run)) for run in r.values]
     hits = [epoch for _, epoch in trials if epoch is not None]
     spread = f", after {min(hits)}-{max(hits)} epochs" if hits else ""
     print(f"baseline trials reaching the target alone: {len(hits)} of {len(trials)}{spread}")
