@@ -244,7 +244,7 @@ def _loopback_only() -> Iterator[None]:
     afterwards: once Ray runs, this process asks the node for its IP, and a later
     ``ray.init`` that joins a cluster must get the outside IP. Without it, GCS,
     raylet and workers listen on ``::`` and the agents on 0.0.0.0 and the outside
-    IP; tests/test_local_ray.py lists the sockets of a running sweep.
+    IP; the SIGKILL test of tests/test_sweep_e2e.py lists the sockets of a running sweep.
     """
     import ray._private.ray_constants as ray_constants
 

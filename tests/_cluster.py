@@ -12,6 +12,7 @@ other Ray session on the machine alone, where `ray stop --force` would end them 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import shlex
@@ -116,6 +117,12 @@ def cluster_pids(marker: str) -> set[int]:
                 found.add(pid)
         except OSError:
             continue  # ended meanwhile, or another user's
+    return _with_descendants(found, parents)
+
+
+def _with_descendants(roots: set[int], parents: dict[int, int | None]) -> set[int]:
+    """``roots`` and every process under them, by parent pid."""
+    found = set(roots)
     grew = True
     while grew:
         children = {pid for pid, parent in parents.items() if parent in found} - found
@@ -226,3 +233,54 @@ def can_unshare_mounts() -> bool:
                               timeout=30).returncode == 0
     except OSError:
         return False
+
+
+# Listening sockets of a process tree, read from /proc: a sweep's Ray must listen on
+# the loopback interface only (tests/test_sweep_e2e.py, the SIGKILL test).
+LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp{,6}
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process under ``pid`` (children of children too), from /proc."""
+    parents = {int(e.name): _parent(int(e.name)) for e in Path("/proc").iterdir()
+               if e.name.isdigit()}
+    return _with_descendants({pid}, parents) - {pid}
+
+
+def listening_sockets(pids: set[int]) -> list[tuple[str, str, int]]:
+    """``(process name, address, port)`` of each listening TCP socket the processes hold."""
+    owner: dict[str, int] = {}  # socket inode -> pid
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                owner[target[len("socket:["):-1]] = pid
+    found = []
+    for family, table in ((socket.AF_INET, "tcp"), (socket.AF_INET6, "tcp6")):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != LISTEN or fields[9] not in owner:
+                continue
+            hex_ip, hex_port = fields[1].split(":")
+            raw = bytes.fromhex(hex_ip)
+            # The kernel prints each 32-bit word of the address in host (little-endian) order.
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            try:
+                name = Path(f"/proc/{owner[fields[9]]}/comm").read_text().strip()
+            except OSError:
+                name = "?"
+            found.append((name, socket.inet_ntop(family, raw), int(hex_port, 16)))
+    return sorted(found)
+
+
+def is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1 on a dual-stack socket
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)

@@ -322,6 +322,11 @@ def _wait_for(condition, timeout: float, what: str) -> None:
 
 
 def test_sweep_killed_with_sigkill_resumes_to_completion(tmp_path: Path) -> None:
+    """Mid-sweep, the Ray that `launch` started listens on the loopback interface only
+    (the listening TCP sockets of the driver and every process under it: GCS, raylet,
+    agents, workers); then the driver is SIGKILLed and `resume` completes the sweep."""
+    from tests._cluster import descendants, is_loopback, listening_sockets
+
     runs_file = tmp_path / "runs" / "e2e" / "mlflow-runs.json"
     driver = subprocess.Popen(
         [WRNSWEEP, "launch", str(TWO_ARCH), "--storage", str(tmp_path / "runs")],
@@ -338,8 +343,12 @@ def test_sweep_killed_with_sigkill_resumes_to_completion(tmp_path: Path) -> None
         return len(runs) >= 2 and any(r["last_epoch"] >= 1 for r in runs.values())
 
     _wait_for(mid_sweep, 300, "two trials with a logged epoch")
+    sockets = listening_sockets({driver.pid} | descendants(driver.pid))
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started
     driver.wait(timeout=60)
+    assert {"gcs_server", "raylet"} <= {name for name, _, _ in sockets}, sockets
+    exposed = [s for s in sockets if not is_loopback(s[1])]
+    assert not exposed, f"listening beyond the loopback interface: {exposed}"
 
     _assert_resumes_to_completion(tmp_path / "runs" / "e2e")
 
