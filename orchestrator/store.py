@@ -167,6 +167,82 @@ def _rewrite(con: Any, table: str, column: str, pairs: list[tuple[str, str]]) ->
                 break
 
 
+# An empty store, made once per MLflow schema and copied for each new sweep folder.
+STORE_CACHE = "mlflow-stores"  # under $XDG_CACHE_HOME/wrnsweep (~/.cache/wrnsweep)
+
+
+def new_folder_store(db: Path) -> None:
+    """Create a sweep folder's empty SQLite store at ``db`` (a path that does not exist).
+
+    MLflow makes a SQLite store by running every one of its schema migrations
+    (alembic), about 1.8 s of CPU here (MLflow 3.17.2, 69 migrations), and the result
+    is the same for every store of that schema. So the first store is made that way
+    in the user's cache, under a name keyed by MLflow's version and its migration
+    scripts (:func:`_schema_key`), and each new folder gets a copy (the cache is the
+    user's own, as trusted as the signing key in ``$XDG_CONFIG_HOME``; an SQLite file
+    runs no code). Where the cache cannot be written, MLflow makes the store in place.
+    Either way the Default experiment (id 0), which MLflow points at ``./mlruns`` of
+    the working directory, is pointed into the folder's ``mlartifacts/``: a sweep
+    folder's store names no path outside it. tests/test_portable.py compares such a
+    store with one MLflow made itself.
+    """
+    import shutil
+    import sqlite3
+
+    template = _cached_empty_store()
+    if template is None:
+        _create_store(db)
+    else:
+        partial = db.with_name(f".{db.name}.{os.getpid()}.partial")  # mode from the umask
+        shutil.copyfile(template, partial)
+        os.replace(partial, db)  # a half-copied file is never seen as the store
+    default = (db.resolve().parent / ARTIFACTS_DIR / "0").as_uri()
+    con = sqlite3.connect(db)
+    try:
+        con.execute("update experiments set artifact_location = ? where experiment_id = 0",
+                    (default,))
+        con.commit()
+    finally:
+        con.close()
+
+
+def _create_store(db: Path) -> None:
+    """An empty store at ``db``, made by MLflow (its migrations)."""
+    mlflow_client(f"sqlite:///{db.resolve()}").search_experiments(max_results=1)
+
+
+def _schema_key() -> str:
+    """MLflow's version and a digest of its migration scripts' names: one per schema."""
+    import hashlib
+
+    import mlflow
+
+    versions = Path(mlflow.__file__).parent / "store" / "db_migrations" / "versions"
+    names = sorted(p.name for p in versions.glob("*.py"))
+    return f"{mlflow.__version__}-{hashlib.sha256(' '.join(names).encode()).hexdigest()[:12]}"
+
+
+def _cached_empty_store() -> Path | None:
+    """The user's cached empty store for this MLflow (made now if missing); None where
+    the cache cannot be written."""
+    import tempfile
+
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    folder = base / "wrnsweep" / STORE_CACHE
+    cached = folder / f"empty-{_schema_key()}.db"
+    if cached.is_file():
+        return cached
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder) as scratch:
+            made = Path(scratch) / "mlflow.db"
+            _create_store(made)
+            os.replace(made, cached)  # two launches at once: either file is whole
+    except OSError:
+        return None
+    return cached
+
+
 def logged_manifest(client: Any, run_id: str) -> Any:
     """The sweep record its launch logged on the parent run ``run_id``.
 

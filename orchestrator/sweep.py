@@ -37,7 +37,7 @@ from orchestrator.config import SweepConfig, load_sweep
 from orchestrator.manifest import MANIFEST_ARTIFACT, META_FILE, Manifest, ManifestError, is_uri
 from orchestrator.preflight import probe_tracking
 from orchestrator.runmap import PRUNED, status_kind
-from orchestrator.store import tracking_env
+from orchestrator.store import local_store_path, new_folder_store, tracking_env
 
 RUNS_FILE = "mlflow-runs.json"
 SWEEP_FILE = "sweep.yaml"
@@ -375,6 +375,9 @@ def _start_tracking(cfg: SweepConfig, manifest: Manifest) -> Manifest:
     from orchestrator.tracking import SWEEP_TAG, ensure_experiment, git_commit, mlflow_client
 
     tracking_env()
+    db = local_store_path(manifest.tracking_uri)
+    if db == Path(manifest.home) / "mlflow.db" and not db.exists():
+        new_folder_store(db)  # the folder's own store: a copy, not 2 s of migrations
     client = mlflow_client(manifest.tracking_uri)
     artifacts = None
     if manifest.tracking_uri.startswith("sqlite:"):

@@ -1,4 +1,5 @@
-"""What every test shares: a signing key of the test session's own, never the user's."""
+"""What every test shares: a signing key and a cache of the test session's own, never
+the user's."""
 
 from __future__ import annotations
 
@@ -31,6 +32,21 @@ def signing_key_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]
         os.environ.pop("XDG_CONFIG_HOME", None)
     else:
         os.environ["XDG_CONFIG_HOME"] = before
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cache_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """XDG_CACHE_HOME for every wrnsweep the tests run: the empty MLflow store each new
+    sweep folder copies (:func:`orchestrator.store.new_folder_store`) is made once per
+    test session there, not read from or written to the user's cache."""
+    home = tmp_path_factory.mktemp("cache")
+    before = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(home)
+    yield home
+    if before is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = before
 
 
 @pytest.fixture(scope="session")

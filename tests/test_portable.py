@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -99,10 +100,11 @@ def test_a_broken_record_is_one_clear_error(tmp_path: Path, text: str, message: 
 @pytest.fixture()
 def store(tmp_path: Path) -> Path:
     """A sweep folder's store as a launch makes it: artifacts under its mlartifacts/."""
-    from orchestrator.store import mlflow_client
+    from orchestrator.store import mlflow_client, new_folder_store
 
     home = tmp_path / "runs" / "p"
     home.mkdir(parents=True)
+    new_folder_store(home / "mlflow.db")
     client = mlflow_client(f"sqlite:///{home / 'mlflow.db'}")
     exp = client.create_experiment("p", artifact_location=(home / "mlartifacts").as_uri())
     run = client.create_run(exp).info.run_id
@@ -123,8 +125,81 @@ def test_relocation_repoints_every_artifact_location(store: Path, tmp_path: Path
     client = mlflow_client(f"sqlite:///{moved / 'mlflow.db'}")
     [exp] = [e for e in client.search_experiments() if e.name == "p"]
     assert exp.artifact_location == (moved / "mlartifacts").as_uri()
+    default = client.get_experiment("0").artifact_location  # MLflow's Default, moved too
+    assert default == (moved / "mlartifacts" / "0").as_uri()
     [run] = client.search_runs([exp.experiment_id])
     assert run.info.artifact_uri.startswith((moved / "mlartifacts").as_uri() + "/")
     local = client.download_artifacts(run.info.run_id, "note.txt", str(tmp_path))
     assert Path(local).read_text() == "hello"
     assert not store.exists()  # nothing was written at the old place
+
+
+def _schema(db: Path) -> tuple[list, list, list]:
+    """Tables and indexes with the lines of their SQL (as a set: two stores MLflow makes
+    list a table's constraints in different orders); the alembic revision; the
+    experiments but their artifact locations."""
+    con = sqlite3.connect(db)
+    try:
+        return (sorted((kind, name, table, sorted(line.strip(" ,") for line in
+                                                  (sql or "").splitlines()))
+                       for kind, name, table, sql in
+                       con.execute("select type, name, tbl_name, sql from sqlite_master")),
+                con.execute("select version_num from alembic_version").fetchall(),
+                con.execute("select experiment_id, name, lifecycle_stage from experiments")
+                .fetchall())
+    finally:
+        con.close()
+
+
+def test_a_new_folder_store_is_the_one_mlflow_makes_copied_from_the_cache(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.store import mlflow_client, new_folder_store
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    theirs = tmp_path / "mlflow" / "mlflow.db"  # made by MLflow itself, as before
+    theirs.parent.mkdir()
+    mlflow_client(f"sqlite:///{theirs}").search_experiments()
+    first, second = (tmp_path / name / "mlflow.db" for name in ("first", "second"))
+    for db in (first, second):
+        db.parent.mkdir()
+        new_folder_store(db)
+        assert _schema(db) == _schema(theirs)
+    [cached] = (tmp_path / "cache" / "wrnsweep" / "mlflow-stores").iterdir()
+    assert _schema(cached) == _schema(theirs)
+
+    # The second store is a copy of the cached one: a row put there shows up in a third.
+    con = sqlite3.connect(cached)
+    con.execute("insert into experiment_tags (key, value, experiment_id) values ('c', 'x', 0)")
+    con.commit()
+    con.close()
+    third = tmp_path / "third" / "mlflow.db"
+    third.parent.mkdir()
+    new_folder_store(third)
+    client = mlflow_client(f"sqlite:///{third}")
+    assert client.get_experiment("0").tags == {"c": "x"}
+
+    # MLflow reads and writes the copy; its Default experiment lies inside the folder.
+    client = mlflow_client(f"sqlite:///{second}")
+    assert client.get_experiment("0").artifact_location == (
+        second.parent / "mlartifacts" / "0").as_uri()
+    run = client.create_run(client.create_experiment("e")).info.run_id
+    client.log_metric(run, "val_acc", 0.5, step=1)
+    client.create_registered_model("m")
+    assert [m.value for m in client.get_metric_history(run, "val_acc")] == [0.5]
+    assert client.get_registered_model("m").name == "m"
+    assert sorted(p.name for p in second.parent.iterdir()) == ["mlflow.db"]  # no partial
+
+
+def test_a_new_folder_store_without_a_writable_cache_is_made_by_mlflow(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.store import mlflow_client, new_folder_store
+
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not-a-folder"))
+    db = tmp_path / "p" / "mlflow.db"
+    db.parent.mkdir()
+    new_folder_store(db)
+    client = mlflow_client(f"sqlite:///{db}")
+    assert client.get_experiment("0").artifact_location == (
+        db.parent / "mlartifacts" / "0").as_uri()
+    assert client.search_experiments()[0].name == "Default"
