@@ -194,8 +194,11 @@ def new_folder_store(db: Path) -> None:
         _create_store(db)
     else:
         partial = db.with_name(f".{db.name}.{os.getpid()}.partial")  # mode from the umask
-        shutil.copyfile(template, partial)
-        os.replace(partial, db)  # a half-copied file is never seen as the store
+        try:
+            shutil.copyfile(template, partial)
+            os.replace(partial, db)  # a half-copied file is never seen as the store
+        finally:
+            partial.unlink(missing_ok=True)
     default = (db.resolve().parent / ARTIFACTS_DIR / "0").as_uri()
     con = sqlite3.connect(db)
     try:
@@ -223,14 +226,17 @@ def _schema_key() -> str:
 
 
 def _cached_empty_store() -> Path | None:
-    """The user's cached empty store for this MLflow (made now if missing); None where
-    the cache cannot be written."""
+    """The user's cached empty store for this MLflow (made now if missing or not a
+    readable store); None where the cache cannot be written."""
     import tempfile
 
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    try:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    except RuntimeError:  # no home directory to be found
+        return None
     folder = base / "wrnsweep" / STORE_CACHE
     cached = folder / f"empty-{_schema_key()}.db"
-    if cached.is_file():
+    if _schema_revision(cached) is not None:
         return cached
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -241,6 +247,23 @@ def _cached_empty_store() -> Path | None:
     except OSError:
         return None
     return cached
+
+
+def _schema_revision(db: Path) -> str | None:
+    """The alembic revision an SQLite store records; None if ``db`` is no such store."""
+    import sqlite3
+
+    if not db.is_file():
+        return None
+    try:
+        con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            row = con.execute("select version_num from alembic_version").fetchone()
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return None
+    return row[0] if row else None
 
 
 def logged_manifest(client: Any, run_id: str) -> Any:

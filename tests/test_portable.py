@@ -189,6 +189,13 @@ def test_a_new_folder_store_is_the_one_mlflow_makes_copied_from_the_cache(
     assert client.get_registered_model("m").name == "m"
     assert sorted(p.name for p in second.parent.iterdir()) == ["mlflow.db"]  # no partial
 
+    # A cached file that is not a store (truncated, overwritten) is made again.
+    cached.write_bytes(b"not a database")
+    fourth = tmp_path / "fourth" / "mlflow.db"
+    fourth.parent.mkdir()
+    new_folder_store(fourth)
+    assert _schema(fourth) == _schema(theirs) == _schema(cached)
+
 
 def test_a_new_folder_store_without_a_writable_cache_is_made_by_mlflow(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
