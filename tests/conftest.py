@@ -16,6 +16,18 @@ from tests._meta import FinishedSweep
 TWO_ARCH = Path(__file__).resolve().parent / "sweeps" / "two_arch.yaml"
 
 
+def _session_folder(variable: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A fresh folder as environment ``variable`` for the test session, then as before."""
+    home = tmp_path_factory.mktemp(variable.lower())
+    before = os.environ.get(variable)
+    os.environ[variable] = str(home)
+    yield home
+    if before is None:
+        os.environ.pop(variable, None)
+    else:
+        os.environ[variable] = before
+
+
 @pytest.fixture(scope="session", autouse=True)
 def signing_key_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """XDG_CONFIG_HOME for every wrnsweep the tests run (in process and as subprocesses).
@@ -24,14 +36,7 @@ def signing_key_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]
     (:mod:`orchestrator.trust`); the tests use a key of their own, so they neither
     create nor use the key of the user who runs them.
     """
-    home = tmp_path_factory.mktemp("config")
-    before = os.environ.get("XDG_CONFIG_HOME")
-    os.environ["XDG_CONFIG_HOME"] = str(home)
-    yield home
-    if before is None:
-        os.environ.pop("XDG_CONFIG_HOME", None)
-    else:
-        os.environ["XDG_CONFIG_HOME"] = before
+    yield from _session_folder("XDG_CONFIG_HOME", tmp_path_factory)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -39,14 +44,7 @@ def cache_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """XDG_CACHE_HOME for every wrnsweep the tests run: the empty MLflow store each new
     sweep folder copies (:func:`orchestrator.store.new_folder_store`) is made once per
     test session there, not read from or written to the user's cache."""
-    home = tmp_path_factory.mktemp("cache")
-    before = os.environ.get("XDG_CACHE_HOME")
-    os.environ["XDG_CACHE_HOME"] = str(home)
-    yield home
-    if before is None:
-        os.environ.pop("XDG_CACHE_HOME", None)
-    else:
-        os.environ["XDG_CACHE_HOME"] = before
+    yield from _session_folder("XDG_CACHE_HOME", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
