@@ -78,7 +78,10 @@ class BufferedWriter:
 
     ``submit(op)`` queues a write. A failing write stays at the head, later ones
     wait behind it, and it is retried with exponential back-off (capped at
-    ``max_delay`` seconds). Nothing is dropped; ``close`` blocks until everything
+    ``max_delay`` seconds: 10 by default, so writes resume within about 10 s of the
+    server's return; a try costs one request, refused at once by a server that is
+    down, or at most ``MLFLOW_HTTP_REQUEST_TIMEOUT`` where it hangs: 10 s, set by
+    :func:`orchestrator.store.tracking_env`). Nothing is dropped; ``close`` blocks until everything
     is written or ``deadline`` seconds have passed, and says whether it all was.
 
     Without ``background`` the queue is written by the caller, in ``submit`` and
@@ -90,7 +93,7 @@ class BufferedWriter:
     forth made a 1000-trial sweep ~15% slower, bench/scale.py).
     """
 
-    def __init__(self, *, max_delay: float = 30.0, echo: Callable[[str], None] = print,
+    def __init__(self, *, max_delay: float = 10.0, echo: Callable[[str], None] = print,
                  background: bool = False) -> None:
         self.pending: deque[Callable[[], Any]] = deque()
         self.max_delay = max_delay
