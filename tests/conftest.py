@@ -1,9 +1,11 @@
-"""What every test shares: a signing key and a cache of the test session's own, never
-the user's."""
+"""What every test shares: a signing key and a cache of the test run's own, never the
+user's, and the run's one launch of tests/sweeps/two_arch.yaml."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,9 +18,18 @@ from tests._meta import FinishedSweep
 TWO_ARCH = Path(__file__).resolve().parent / "sweeps" / "two_arch.yaml"
 
 
+def _run_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This test run's folder, shared by its pytest-xdist workers (the README's test
+    command runs two): a worker's base temp dir is ``.../pytest-N/popen-gwK``."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 def _session_folder(variable: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A fresh folder as environment ``variable`` for the test session, then as before."""
-    home = tmp_path_factory.mktemp(variable.lower())
+    """The run's folder for environment ``variable`` (one for all workers: a sweep one
+    worker launched is signed with the key the others check), then as before."""
+    home = _run_root(tmp_path_factory) / variable.lower()
+    home.mkdir(exist_ok=True)
     before = os.environ.get(variable)
     os.environ[variable] = str(home)
     yield home
@@ -34,9 +45,19 @@ def signing_key_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]
 
     Launching a sweep signs its folder under ``$XDG_CONFIG_HOME/wrnsweep/trust.key``
     (:mod:`orchestrator.trust`); the tests use a key of their own, so they neither
-    create nor use the key of the user who runs them.
+    create nor use the key of the user who runs them. It is made here, once per run, so
+    that no worker reads a key another is still writing.
     """
-    yield from _session_folder("XDG_CONFIG_HOME", tmp_path_factory)
+    from filelock import FileLock
+
+    from orchestrator.trust import load_key
+
+    folders = _session_folder("XDG_CONFIG_HOME", tmp_path_factory)
+    home = next(folders)
+    with FileLock(str(home) + ".lock"):
+        load_key(create=True)
+    yield home
+    next(folders, None)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -49,13 +70,27 @@ def cache_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def two_arch_sweep(tmp_path_factory: pytest.TempPathFactory) -> FinishedSweep:
-    """tests/sweeps/two_arch.yaml launched once per test session (about a minute on 2
-    cores); the end-to-end modules each take a copy instead of launching it again.
-    Nobody changes this folder itself."""
-    work = tmp_path_factory.mktemp("two_arch")
-    wrnsweep = str(Path(sys.executable).with_name("wrnsweep"))
-    launch = subprocess.run([wrnsweep, "launch", str(TWO_ARCH), "--storage", str(work / "runs")],
-                            capture_output=True, text=True, cwd=work, timeout=600,
-                            env={**os.environ, "RAY_ADDRESS": ""})
-    assert launch.returncode == 0, launch.stdout[-3000:] + launch.stderr[-3000:]
+    """tests/sweeps/two_arch.yaml launched once per test run (about a minute on 2 cores;
+    the first xdist worker to need it launches it, the other waits and reads it); the
+    end-to-end modules each take a copy instead of launching it again. Nobody changes
+    this folder itself."""
+    from filelock import FileLock
+
+    work = _run_root(tmp_path_factory) / "two_arch"
+    record = work / "launch.json"  # what the launch printed, for the other worker
+    with FileLock(str(work) + ".lock"):
+        if not record.is_file():
+            shutil.rmtree(work, ignore_errors=True)  # what a failed launch left
+            work.mkdir()
+            wrnsweep = str(Path(sys.executable).with_name("wrnsweep"))
+            launch = subprocess.run(
+                [wrnsweep, "launch", str(TWO_ARCH), "--storage", str(work / "runs")],
+                capture_output=True, text=True, cwd=work, timeout=600,
+                env={**os.environ, "RAY_ADDRESS": ""})
+            assert launch.returncode == 0, launch.stdout[-3000:] + launch.stderr[-3000:]
+            record.write_text(json.dumps({"args": launch.args, "stdout": launch.stdout,
+                                          "stderr": launch.stderr}))
+    printed = json.loads(record.read_text())
+    launch = subprocess.CompletedProcess(printed["args"], 0, printed["stdout"],
+                                         printed["stderr"])
     return FinishedSweep(work / "runs" / "e2e", launch)
