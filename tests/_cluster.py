@@ -7,6 +7,7 @@ every process that `ray start` runs inherits a marker in its environment, so
 `stop()` ends this cluster's processes (the marked ones and their descendants,
 e.g. Ray's workers and agents, which rewrite their process titles) and leaves any
 other Ray session on the machine alone, where `ray stop --force` would end them all.
+Also here, as they read /proc the same way: the listening sockets of a process tree.
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ def signing_key_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]
 def cache_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """XDG_CACHE_HOME for every wrnsweep the tests run: the empty MLflow store each new
     sweep folder copies (:func:`orchestrator.store.new_folder_store`) is made once per
-    test session there, not read from or written to the user's cache."""
+    test run there, not read from or written to the user's cache."""
     yield from _session_folder("XDG_CACHE_HOME", tmp_path_factory)
 
 
