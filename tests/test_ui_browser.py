@@ -261,6 +261,11 @@ def browser(chromium: str):
 
 @pytest.fixture
 def page(browser):
+    from playwright.sync_api import expect
+
+    # Assertions wait as long as actions (their own default is 5 s): the runs grid of
+    # a first load took longer while the suite's other worker trained beside it.
+    expect.set_options(timeout=PAGE_TIMEOUT_MS)
     context = browser.new_context(viewport=VIEWPORT)
     context.set_default_timeout(PAGE_TIMEOUT_MS)
     yield context.new_page()
