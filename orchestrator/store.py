@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -200,13 +201,10 @@ def new_folder_store(db: Path) -> None:
         finally:
             partial.unlink(missing_ok=True)
     default = (db.resolve().parent / ARTIFACTS_DIR / "0").as_uri()
-    con = sqlite3.connect(db)
-    try:
+    with closing(sqlite3.connect(db)) as con:
         con.execute("update experiments set artifact_location = ? where experiment_id = 0",
                     (default,))
         con.commit()
-    finally:
-        con.close()
 
 
 def _create_store(db: Path) -> None:
@@ -236,7 +234,7 @@ def _cached_empty_store() -> Path | None:
         return None
     folder = base / "wrnsweep" / STORE_CACHE
     cached = folder / f"empty-{_schema_key()}.db"
-    if _schema_revision(cached) is not None:
+    if _is_store(cached):
         return cached
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -249,21 +247,17 @@ def _cached_empty_store() -> Path | None:
     return cached
 
 
-def _schema_revision(db: Path) -> str | None:
-    """The alembic revision an SQLite store records; None if ``db`` is no such store."""
+def _is_store(db: Path) -> bool:
+    """Whether ``db`` is an SQLite store that records an alembic revision."""
     import sqlite3
 
     if not db.is_file():
-        return None
+        return False
     try:
-        con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
-        try:
-            row = con.execute("select version_num from alembic_version").fetchone()
-        finally:
-            con.close()
+        with closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)) as con:
+            return con.execute("select version_num from alembic_version").fetchone() is not None
     except sqlite3.Error:
-        return None
-    return row[0] if row else None
+        return False
 
 
 def logged_manifest(client: Any, run_id: str) -> Any:

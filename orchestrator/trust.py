@@ -98,14 +98,19 @@ def load_key(*, create: bool) -> bytes | None:
     path = key_path()
     if create and not path.exists():
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Written whole beside it, then linked into place: link() fails if the key
+        # exists, so two processes creating it at once keep one key, and none reads a
+        # key another is still writing.
+        partial = path.with_name(f".{KEY_FILE}.{os.getpid()}")
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            # O_EXCL: two processes creating it at once keep one key, not two.
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass
-        else:
             with os.fdopen(fd, "wb") as f:
                 f.write(secrets.token_bytes(KEY_BYTES))
+            os.link(partial, path)
+        except FileExistsError:
+            pass
+        finally:
+            partial.unlink(missing_ok=True)
     try:
         info = path.stat()
         data = path.read_bytes()

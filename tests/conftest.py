@@ -45,19 +45,9 @@ def signing_key_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]
 
     Launching a sweep signs its folder under ``$XDG_CONFIG_HOME/wrnsweep/trust.key``
     (:mod:`orchestrator.trust`); the tests use a key of their own, so they neither
-    create nor use the key of the user who runs them. It is made here, once per run, so
-    that no worker reads a key another is still writing.
+    create nor use the key of the user who runs them.
     """
-    from filelock import FileLock
-
-    from orchestrator.trust import load_key
-
-    folders = _session_folder("XDG_CONFIG_HOME", tmp_path_factory)
-    home = next(folders)
-    with FileLock(str(home) + ".lock"):
-        load_key(create=True)
-    yield home
-    next(folders, None)
+    yield from _session_folder("XDG_CONFIG_HOME", tmp_path_factory)
 
 
 @pytest.fixture(scope="session", autouse=True)
