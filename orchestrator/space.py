@@ -21,6 +21,8 @@ from collections.abc import Callable
 from typing import Any
 
 from orchestrator.config import MilestoneSpace, Param, SweepConfig
+from trainables.config import TrainConfig
+from trainables.models.registry import get_family
 
 SpaceFn = Callable[[Any], dict[str, Any]]
 
@@ -148,16 +150,92 @@ def grid_space(points: list[dict[str, Any]]) -> SpaceFn:
     return GridSpace(points)
 
 
-def starting_points(cfg: SweepConfig) -> list[dict[str, Any]]:
-    """``search.points_to_evaluate`` with the names the space function suggests.
+def paper_configuration(arch: str) -> dict[str, Any]:
+    """The configuration the family's paper headlines, under the sweep file's names.
 
+    The family's first table row with a reported error (WRN-28-10 with dropout 0.3,
+    ResNet-20, pre-activation ResNet-164, DiracNet-28-10) over its defaults, and its
+    recipe: lr 0.1 (``TrainConfig``'s, both papers'), weight decay, gamma, milestones.
+    """
+    family = get_family(arch)
+    headline = next(row for row in family.rows if row.error)
+    recipe = family.recipe
+    return {**family.defaults(), **headline.hparams, "lr": TrainConfig.lr,
+            "weight_decay": recipe.weight_decay, "gamma": recipe.gamma,
+            "milestones": list(recipe.milestones)}
+
+
+def recipe_points(cfg: SweepConfig) -> list[dict[str, Any]]:
+    """The papers' configuration of each architecture, the nearest the space holds.
+
+    One starting point per architecture (``points_to_evaluate`` form): each searched
+    key takes the value of :func:`paper_configuration` nearest to it in the space
+    (:func:`_nearest`); a key with no such value (a string the choices lack, more
+    milestones than the paper has) is left to the sampler.
+    """
+    points = []
+    for arch in cfg.arch_names():
+        paper = paper_configuration(arch)
+        point: dict[str, Any] = {"arch": arch}
+        for name, param in cfg.params_for(arch).items():
+            value = _nearest(param, paper.get(name)) if param.searchable else None
+            if value is not None:
+                point[name] = value
+        points.append(point)
+    return points
+
+
+def _nearest(param: Param | MilestoneSpace, value: Any) -> Any:
+    """The value of ``param``'s space nearest to ``value``, or None if there is none."""
+    if value is None:
+        return None
+    if isinstance(param, MilestoneSpace):
+        return _nearest_milestones(list(value), param)
+    if param.kind == "categorical":
+        if value in param.choices:
+            return value
+        numbers = [c for c in param.choices if isinstance(c, int | float)]
+        if isinstance(value, str) or not numbers:
+            return None
+        return min(numbers, key=lambda c: abs(c - value))  # the first of a tie
+    low, high = param.low, param.high
+    assert low is not None and high is not None
+    clamped = min(max(value, low), high)
+    if not param.step:
+        return float(clamped) if param.kind == "float" else int(round(clamped))
+    snapped = low + round((clamped - low) / param.step) * param.step
+    snapped = snapped - param.step if snapped > high else snapped
+    return int(snapped) if param.kind == "int" else float(snapped)
+
+
+def _nearest_milestones(milestones: list[float], space: MilestoneSpace) -> list[float] | None:
+    """The paper's milestones cut to the ``count`` the space searches.
+
+    The first ``count`` of them (the schedule that follows the paper's longest: WRN's
+    0.3, 0.6, 0.8 in a space of two is 0.3, 0.6), else the first subset in order the
+    space holds; None when none does (more milestones than the paper has, or none in
+    the space's bounds): the sampler draws them.
+    """
+    for subset in itertools.combinations(milestones, space.count):
+        if space.holds(subset):
+            return list(subset)
+    return None
+
+
+def starting_points(cfg: SweepConfig) -> list[dict[str, Any]]:
+    """The first trials, with the names the space function suggests.
+
+    ``search.points_to_evaluate`` when the file gives them, else the papers'
+    configurations when ``search.starts_at_recipe`` (:func:`recipe_points`).
     Keys that are constants in the space are left out (the validator rejects
     points that would change one): a constant returned by the function would
     silently override the enqueued value anyway.
     """
     archs = cfg.arch_names()
+    given = list(cfg.search.points_to_evaluate)
+    points = given or (recipe_points(cfg) if cfg.search.starts_at_recipe else [])
     out: list[dict[str, Any]] = []
-    for point in cfg.search.points_to_evaluate:
+    for point in points:
         arch = point.get("arch", archs[0])
         params = cfg.params_for(arch)
         enqueued: dict[str, Any] = {"arch": arch} if len(archs) > 1 else {}

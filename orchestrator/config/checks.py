@@ -51,6 +51,7 @@ from orchestrator.config.schema import (
     IntChoices,
     IntRange,
     MilestoneSearch,
+    MilestoneSpace,
     RaySpec,
     RecipeSpec,
     ResourceSpec,
@@ -542,6 +543,10 @@ def _check_search(ck: _Checker, s: _Sections, check_hparams: Callable[..., None]
         )
     if search.n_startup_trials is not None and search.n_startup_trials < 0:
         ck.add("search.n_startup_trials", f"must be >= 0, got {search.n_startup_trials}")
+    if search.algorithm == "grid" and search.recipe_start:
+        ck.add("search.recipe_start",
+               "grid search runs every point of the grid once; a start at the papers' "
+               "configurations has nothing to put first (leave recipe_start out)")
     if search.algorithm == "grid":
         for arch, space in s.archs.items():
             for name, (spec, key) in _param_sources(arch, space, s.recipe).items():
@@ -619,12 +624,8 @@ def _outside(spec: Any, value: Any) -> str | None:
     """Why ``value`` is not a value ``spec`` can take, or None if it is."""
     is_num = isinstance(value, int | float) and not isinstance(value, bool)
     if isinstance(spec, MilestoneSearch):
-        ok = (
-            isinstance(value, list)
-            and len(value) == spec.count
-            and all(isinstance(m, int | float) and spec.low <= m <= spec.high for m in value)
-            and all(b - a >= spec.min_gap - 1e-12 for a, b in itertools.pairwise(value))
-        )
+        space = MilestoneSpace(spec.count, spec.low, spec.high, spec.min_gap)
+        ok = isinstance(value, list) and space.holds(value)
         return (
             None
             if ok

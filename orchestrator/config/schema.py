@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -330,6 +332,18 @@ class SearchSpec(_Model):
     seed: Int = 0
     n_startup_trials: Int | None = None
     points_to_evaluate: tuple[dict[Str, Any], ...] = ()
+    # None: on for tpe, off for random (the blind baseline) and grid (runs every point).
+    recipe_start: Bool | None = None
+
+    @property
+    def starts_at_recipe(self) -> bool:
+        """Whether the first trials are the papers' configurations (see ``space.recipe_points``).
+
+        A file's own ``points_to_evaluate`` replace them.
+        """
+        if self.points_to_evaluate or self.algorithm == "grid":
+            return False
+        return self.recipe_start if self.recipe_start is not None else self.algorithm == "tpe"
 
     @model_validator(mode="before")
     @classmethod
@@ -439,6 +453,16 @@ class MilestoneSpace:
     @property
     def kind(self) -> str:
         return "milestones"
+
+    def holds(self, values: Sequence[Any]) -> bool:
+        """Whether ``values`` are milestones this space can sample: ``count`` numbers in
+        [low, high], increasing at least ``min_gap`` apart (1e-12: float noise)."""
+        return (
+            len(values) == self.count
+            and all(isinstance(m, int | float) and not isinstance(m, bool)
+                    and self.low <= m <= self.high for m in values)
+            and all(b - a >= self.min_gap - 1e-12 for a, b in itertools.pairwise(values))
+        )
 
     @property
     def searchable(self) -> bool:
