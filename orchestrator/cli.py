@@ -662,9 +662,13 @@ def _jobs_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
 @click.option("--num-samples", type=int, default=None, help="Trials to run (overrides the file).")
 @click.option("--name", default=None, help="Sweep name (overrides the file's `name`).")
 @click.option("--pip", multiple=True, help="Extra pip requirement for the job (repeatable).")
+@click.option("--agent-wait", type=click.IntRange(min=0), default=300, show_default=True,
+              metavar="SECONDS",
+              help="How long to retry a head that answers 'No available agent to submit "
+                   "job' (a starting head does for its first seconds).")
 def submit(sweep_file: str, address: str, follow: bool, storage: str | None,
            tracking_uri: str | None, num_samples: int | None, name: str | None,
-           pip: tuple[str, ...]) -> None:
+           pip: tuple[str, ...], agent_wait: int) -> None:
     """Submit SWEEP_FILE to a Ray cluster through the Jobs API (validated here first)."""
     from orchestrator import jobs
 
@@ -677,7 +681,7 @@ def submit(sweep_file: str, address: str, follow: bool, storage: str | None,
         raise InvalidInput(f"--name must match {SWEEP_NAME_RULE}, got {name!r}")
     _, job_id = _jobs_call(jobs.submit, sweep_file, address=address, storage=storage,
                            tracking_uri=tracking_uri, num_samples=num_samples,
-                           name=name, pip=pip)
+                           name=name, pip=pip, agent_wait=agent_wait)
     click.echo(f"submitted job {job_id} to {address}")
     if not follow:
         click.echo(f"follow it with: wrnsweep jobs logs {job_id} --address {address} --follow")

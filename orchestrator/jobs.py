@@ -160,8 +160,12 @@ class JobsApi:
 
 def submit(sweep_file: str, *, address: str, storage: str | None = None,
            tracking_uri: str | None = None, num_samples: int | None = None,
-           name: str | None = None, pip: tuple[str, ...] = ()) -> tuple[Any, str]:
-    """Submit a validated sweep file; returns ``(client, job id)``."""
+           name: str | None = None, pip: tuple[str, ...] = (),
+           agent_wait: float = 300.0) -> tuple[Any, str]:
+    """Submit a validated sweep file; returns ``(client, job id)``.
+
+    ``agent_wait``: seconds to retry a head that has no job agent yet.
+    """
     from orchestrator.config import load_sweep
 
     cfg = load_sweep(sweep_file)  # ConfigError: nothing is submitted
@@ -178,16 +182,27 @@ def submit(sweep_file: str, *, address: str, storage: str | None = None,
             submission_id=f"wrnsweep-{sweep_name}-{time.strftime('%Y%m%d-%H%M%S')}",
             metadata={"wrnsweep.sweep": sweep_name},
         )
-        job_id = _submit_with_retry(jobs, request)
+        job_id = _submit_with_retry(jobs, request, agent_wait)
     return jobs, job_id
 
 
+# Why a head may never find its job agent, and the fix (one line: the CLI prints an
+# error's first line).
+NO_AGENT_HINT = (
+    "The head's dashboard agent may have lost its HTTP port (52365 by default; any Ray "
+    "on the machine, a local sweep's too, takes it): look for 'failed to bind' in "
+    "dashboard_agent.log of the head's session folder and start the head with "
+    "`ray start --head --dashboard-agent-listen-port=<free port>`."
+)
+
+
 def _submit_with_retry(jobs: Any, request: dict[str, Any], deadline: float = 300.0) -> str:
-    """Submit, waiting out a head whose job agent is still starting.
+    """Submit, waiting ``deadline`` seconds at most for the head's job agent.
 
     A freshly started head answers "No available agent to submit job, please try
-    again later" (HTTP 500) for its first seconds (minutes on a busy 2-core head: 2
-    minutes were seen not to be enough); that and nothing else is retried.
+    again later" (HTTP 500) for its first seconds; that and nothing else is retried.
+    A head whose agent could not bind its HTTP port answers it for ever: when the
+    deadline passes, the error says so (:data:`NO_AGENT_HINT`).
     """
     end = time.monotonic() + deadline
     delay = 1.0
@@ -195,8 +210,12 @@ def _submit_with_retry(jobs: Any, request: dict[str, Any], deadline: float = 300
         try:
             return jobs.submit_job(**request)
         except RuntimeError as err:
-            if "try again later" not in str(err) or time.monotonic() + delay > end:
+            if "try again later" not in str(err):
                 raise
+            if time.monotonic() + delay > end:
+                first = str(err).strip().splitlines()[0]
+                raise RuntimeError(f"{first} (retried for {deadline:g} s). "
+                                   f"{NO_AGENT_HINT}") from None
         time.sleep(delay)
         delay = min(delay * 2, 10.0)
 

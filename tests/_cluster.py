@@ -132,6 +132,20 @@ def _with_descendants(roots: set[int], parents: dict[int, int | None]) -> set[in
     return found
 
 
+def _agent_port(port: int | None) -> str:
+    """``ray start``'s option for the node's dashboard agent HTTP port, a free one by default.
+
+    Every Ray node's agent listens on 52365 unless told otherwise (Ray 2.60,
+    ``ray_constants.DEFAULT_DASHBOARD_AGENT_LISTEN_PORT``), including the local
+    ``ray.init()`` of a test in the other pytest worker. A node started while that
+    port is taken logs "failed to bind" in ``dashboard_agent.log`` and runs its agent
+    without the HTTP service, and a head in that state answers every job submission
+    "No available agent to submit job, please try again later" (reproduced by
+    holding the port: ``test_cluster.py``'s agent-port test).
+    """
+    return f"--dashboard-agent-listen-port={free_port() if port is None else port}"
+
+
 class LocalCluster:
     def __init__(self, workdir: Path, **node_env: str) -> None:
         self.workdir = workdir
@@ -163,11 +177,13 @@ class LocalCluster:
         self.temp_dirs.append(temp_dir)
         return temp_dir
 
-    def start_head(self, num_cpus: int) -> LocalCluster:
+    def start_head(self, num_cpus: int, *, agent_port: int | None = None) -> LocalCluster:
+        """Start the head node. ``agent_port``: its dashboard agent's HTTP port (a free
+        one when None, see :func:`_agent_port`)."""
         self._ray("start", "--head", f"--port={self.port}", "--node-ip-address=127.0.0.1",
                   f"--num-cpus={num_cpus}", "--num-gpus=0", "--include-dashboard=true",
                   f"--dashboard-port={self.dashboard_port}", "--disable-usage-stats",
-                  f"--temp-dir={self._temp_dir()}")
+                  _agent_port(agent_port), f"--temp-dir={self._temp_dir()}")
         return self
 
     def add_worker(self, num_cpus: int, *, hide: Path | None = None) -> int:
@@ -182,7 +198,7 @@ class LocalCluster:
         temp_dir = self._temp_dir()
         args = ["start", f"--address={self.address}", "--node-ip-address=127.0.0.1",
                 f"--num-cpus={num_cpus}", "--num-gpus=0", f"--node-manager-port={port}",
-                f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+                f"--temp-dir={temp_dir}", "--disable-usage-stats", _agent_port(None)]
         if hide is None:
             self._ray(*args)
         else:

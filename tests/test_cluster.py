@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -118,6 +119,26 @@ def test_submit_follow_runs_the_smoke_sweep_and_jobs_manage_it(tmp_path: Path,
     assert [(j["job_id"], j["sweep"]) for j in listed] == [(job_id, "smoke")]
     stop = wrnsweep("jobs", "stop", job_id, "--address", head.jobs_address, cwd=tmp_path)
     assert "was not running" in stop.stdout
+
+
+def test_a_head_whose_job_agent_lost_its_port_is_named_in_the_submit_error(
+        tmp_path: Path, cluster) -> None:
+    """A head whose dashboard agent could not bind its HTTP port takes no job, ever:
+    ``submit`` retries for ``--agent-wait`` seconds, then exits 1 with Ray's message and
+    the likely cause and fix, without a traceback, and nothing is submitted."""
+    with socket.socket() as held:  # what another Ray on the machine does to port 52365
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        head = cluster().start_head(num_cpus=1, agent_port=held.getsockname()[1])
+        result = wrnsweep("submit", str(REPO / "search_spaces" / "smoke.yaml"), "--address",
+                          head.jobs_address, "--agent-wait", "15", cwd=tmp_path)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert "No available agent to submit job" in result.stderr
+    assert "(retried for 15 s)" in result.stderr
+    assert "ray start --head --dashboard-agent-listen-port" in result.stderr
+    listed = wrnsweep("jobs", "list", "--address", head.jobs_address, "--json", cwd=tmp_path)
+    assert listed.returncode == 0 and json.loads(listed.stdout) == []
 
 
 def test_failing_trials_retry_from_their_last_checkpoint(tmp_path: Path, cluster) -> None:
