@@ -201,10 +201,11 @@ def _nearest(param: Param | MilestoneSpace, value: Any) -> Any:
     low, high = param.low, param.high
     assert low is not None and high is not None
     clamped = min(max(value, low), high)
-    if not param.step:
-        return float(clamped) if param.kind == "float" else int(round(clamped))
-    snapped = low + round((clamped - low) / param.step) * param.step
-    snapped = snapped - param.step if snapped > high else snapped
+    if param.kind == "float" and not param.step:
+        return float(clamped)
+    step = param.step or 1  # an int range always has one
+    snapped = low + round((clamped - low) / step) * step  # on the range's grid
+    snapped = snapped - step if snapped > high else snapped
     return int(snapped) if param.kind == "int" else float(snapped)
 
 

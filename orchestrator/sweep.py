@@ -167,8 +167,7 @@ def describe_plan(cfg: SweepConfig, manifest: Manifest) -> str:
         if constants:
             lines.append("  fixed: " + ", ".join(f"{k}={v}" for k, v in constants.items()))
     lines.extend(describe_schedule(cfg, trials))  # rungs and the most epochs it can spend
-    if cfg.search.points_to_evaluate:
-        lines.append(f"starting points: {len(cfg.search.points_to_evaluate)}")
+    lines.extend(_describe_starts(cfg))
     lines += [
         f"ray: {'local (started here)' if not manifest.address else manifest.address}",
         f"results: {manifest.experiment_path}" + (
@@ -180,6 +179,23 @@ def describe_plan(cfg: SweepConfig, manifest: Manifest) -> str:
         "the best",
     ]
     return "\n".join(lines)
+
+
+def _describe_starts(cfg: SweepConfig) -> list[str]:
+    """The first trials' lines of ``describe_plan``: the file's points or the papers'."""
+    from orchestrator.space import recipe_points
+
+    if cfg.search.points_to_evaluate:
+        return [f"starting points: {len(cfg.search.points_to_evaluate)} "
+                "(search.points_to_evaluate)"]
+    if not cfg.search.starts_at_recipe:
+        return []
+    lines = ["starting points: each architecture's paper configuration, the nearest the "
+             "space holds (search.recipe_start: false turns this off)"]
+    for point in recipe_points(cfg):
+        values = ", ".join(f"{k}={v}" for k, v in point.items() if k != "arch")
+        lines.append(f"  {point['arch']}: {values or 'all drawn'}")
+    return lines
 
 
 # -- running -----------------------------------------------------------------------------

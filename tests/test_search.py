@@ -38,7 +38,7 @@ from orchestrator.search import (
     n_startup_trials,
     planned_epochs,
 )
-from orchestrator.space import define_by_run, milestones_from_unit
+from orchestrator.space import define_by_run, milestones_from_unit, recipe_points
 from orchestrator.sweep import resources_fn
 from trainables.config import TrainConfig
 from trainables.models import check_hparams
@@ -452,6 +452,105 @@ search:
     first = limiter.suggest("first")
     assert first["arch"] == "wrn"
     assert (first["wrn.depth"], first["wrn.width"], first["wrn.lr"]) == (22, 3, 0.05)
+
+
+DIGITS = """\
+name: digits-space
+dataset: digits
+architectures:
+  wrn: {depth: {choices: [10, 16]}, width: {choices: [1, 2]}, dropout: {choices: [0.0, 0.3]}}
+  resnet: {depth: {choices: [8, 14, 20]}}
+recipe:
+  epochs: 8
+  lr: {low: 0.003, high: 1.0, log: true}
+  milestones: {count: 2, low: 0.2, high: 0.9, min_gap: 0.1}
+search: {num_samples: 16, max_concurrent: 2, seed: 0ALGO}
+"""
+
+
+def _digits(algo: str = "") -> SweepConfig:
+    return _cfg(DIGITS.replace("ALGO", algo))
+
+
+def _milestones(config: dict[str, Any]) -> list[float]:
+    arch = config["arch"]
+    space = _digits().params_for(arch)["milestones"]
+    assert isinstance(space, MilestoneSpace)
+    u = [config[f"{arch}.milestone_u{i + 1}"] for i in range(space.count)]
+    return milestones_from_unit(u, space)
+
+
+def test_tpe_starts_at_each_architectures_paper_configuration() -> None:
+    """With no points_to_evaluate, TPE's first trials are the papers' headline
+    configurations nearest in the space: WRN-28-10 with dropout 0.3 (Zagoruyko &
+    Komodakis, section 4: lr 0.1, drops at 30/60/80 % of training) -> WRN-16-2, dropout
+    0.3, milestones cut to the space's two; ResNet-20 (He et al., section 4.2: lr 0.1,
+    drops at 50/75 %) as it is. Each builds; the third trial is TPE's own."""
+    limiter, _, _ = _searcher(_digits())
+    first, second, third = _run(limiter, 3, _score, total=8)
+    assert {k: first[k] for k in ("arch", "wrn.depth", "wrn.width", "wrn.dropout", "wrn.lr")} \
+        == {"arch": "wrn", "wrn.depth": 16, "wrn.width": 2, "wrn.dropout": 0.3, "wrn.lr": 0.1}
+    assert _milestones(first) == pytest.approx([0.3, 0.6])
+    assert (second["arch"], second["resnet.depth"], second["resnet.lr"]) == ("resnet", 20, 0.1)
+    assert _milestones(second) == pytest.approx([0.5, 0.75])
+    for config in (first, second):
+        _build(config)
+    assert third.get("wrn.lr", third.get("resnet.lr")) != 0.1
+
+
+@pytest.mark.parametrize("search", [", algorithm: random", ", recipe_start: false",
+                                    ", points_to_evaluate: [{arch: resnet, depth: 8}]"],
+                         ids=["random", "opted-out", "own-points"])
+def test_no_recipe_start_for_random_search_an_opt_out_or_a_files_own_points(
+        search: str) -> None:
+    """Random search stays blind (the benchmark's baseline), ``recipe_start: false``
+    turns the start off, and a file's own points replace it."""
+    cfg = _digits(search)
+    assert not cfg.search.starts_at_recipe
+    limiter, _, _ = _searcher(cfg)
+    first = limiter.suggest("first")
+    assert first.get(f"{first['arch']}.lr") != 0.1
+    if "points" in search:
+        assert (first["arch"], first["resnet.depth"]) == ("resnet", 8)
+
+
+@pytest.mark.parametrize(("low", "high", "count", "expected"), [
+    (0.2, 0.9, 2, [0.3, 0.6]),  # the first two: the paper's schedule for longest
+    (0.4, 0.9, 2, [0.6, 0.8]),  # 0.3 is out of bounds: the next subset the space holds
+    (0.2, 0.9, 3, [0.3, 0.6, 0.8]),  # the paper's own
+    (0.2, 0.9, 4, None),  # more than the paper has: drawn
+    (0.85, 0.95, 1, None),  # none of the paper's in bounds: drawn
+])
+def test_recipe_milestones_are_cut_to_the_count_the_space_holds(
+        low: float, high: float, count: int, expected: list[float] | None) -> None:
+    cfg = _cfg(f"""\
+name: cut
+architectures:
+  wrn: {{depth: {{choices: [10, 16]}}}}
+recipe:
+  epochs: 8
+  milestones: {{count: {count}, low: {low}, high: {high}, min_gap: 0.05}}
+""")
+    (point,) = recipe_points(cfg)
+    assert point.get("milestones") == expected
+
+
+def test_recipe_point_is_snapped_into_ranges() -> None:
+    """Ranges: clamped to their bounds and put on their step; a string the choices
+    lack is left to the sampler."""
+    cfg = _cfg("""\
+name: ranges
+architectures:
+  wrn: {depth: {low: 10, high: 40, step: 6}, width: {low: 1, high: 4}}
+  resnet: {depth: {choices: [8, 14]}, shortcut: {choices: [B]}}
+recipe:
+  epochs: 8
+  lr: {low: 0.2, high: 1.0, log: true}
+  weight_decay: {low: 0.0001, high: 0.001, log: true}
+""")
+    wrn, resnet = recipe_points(cfg)
+    assert wrn == {"arch": "wrn", "depth": 28, "width": 4, "lr": 0.2, "weight_decay": 5e-4}
+    assert resnet == {"arch": "resnet", "depth": 14, "lr": 0.2, "weight_decay": 1e-4}
 
 
 # ------------------------------------------------------------------ 6. milestones
