@@ -169,7 +169,7 @@ def _rewrite(con: Any, table: str, column: str, pairs: list[tuple[str, str]]) ->
 
 
 # An empty store, made once per MLflow schema and copied for each new sweep folder.
-STORE_CACHE = "mlflow-stores"  # under $XDG_CACHE_HOME/wrnsweep (~/.cache/wrnsweep)
+STORE_CACHE = "mlflow-stores"  # under trainables.config.cache_home()
 
 
 def new_folder_store(db: Path) -> None:
@@ -228,11 +228,12 @@ def _cached_empty_store() -> Path | None:
     readable store); None where the cache cannot be written."""
     import tempfile
 
+    from trainables.config import cache_home
+
     try:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        folder = cache_home() / STORE_CACHE
     except RuntimeError:  # no home directory to be found
         return None
-    folder = base / "wrnsweep" / STORE_CACHE
     cached = folder / f"empty-{_schema_key()}.db"
     if _is_store(cached):
         return cached

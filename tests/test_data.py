@@ -278,6 +278,28 @@ def test_cifar_missing_without_download_names_the_folder(tmp_path):
     assert str(tmp_path) in str(info.value)
 
 
+def test_cifar_default_root_is_the_one_the_mlflow_store_cache_uses(tmp_path, monkeypatch):
+    """Without a root, CIFAR is looked for in wrnsweep's one cache folder, which
+    honours XDG_CACHE_HOME as the empty-store cache does (and is ~/.cache/wrnsweep
+    without it)."""
+    from orchestrator.store import STORE_CACHE, new_folder_store
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    with pytest.raises(FileNotFoundError, match="download=True") as info:
+        load_splits("cifar10")
+    assert f"in {tmp_path / 'xdg' / 'wrnsweep' / 'cifar-10-batches-py'}" in str(info.value)
+    (tmp_path / "sweep").mkdir()
+    new_folder_store(tmp_path / "sweep" / "mlflow.db")
+    assert list((tmp_path / "xdg" / "wrnsweep" / STORE_CACHE).glob("empty-*.db"))
+
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    with pytest.raises(FileNotFoundError, match="download=True") as info:
+        load_splits("cifar10")
+    assert f"in {tmp_path / 'home' / '.cache' / 'wrnsweep' / 'cifar-10-batches-py'}" \
+        in str(info.value)
+
+
 def _write_fake_cifar10(root: Path, per_batch: int) -> tuple[np.ndarray, list[int]]:
     """torchvision's on-disk CIFAR-10 format: pickled dicts of (n, 3072) uint8 rows."""
     folder = root / "cifar-10-batches-py"

@@ -13,11 +13,25 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from trainables.models.registry import get_family
+
+
+def cache_home() -> Path:
+    """wrnsweep's folder in the user's cache: ``$XDG_CACHE_HOME/wrnsweep``, else
+    ``~/.cache/wrnsweep``. CIFAR's default root, and where the empty MLflow store
+    every new sweep folder copies is kept (:mod:`orchestrator.store`).
+
+    RuntimeError where there is no home directory and the variable is unset.
+    """
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "wrnsweep"
+
 
 # Bounds of the numeric training settings: one set for `wrnsweep train`, TrainConfig
 # and sweep files (orchestrator.config.checks reports them at the YAML key).
@@ -47,7 +61,7 @@ class TrainConfig:
     # given take the registry's default. Flat in to_dict()/from_dict() (Tune's config).
     model: dict[str, Any] = field(default_factory=dict)
     dataset: str = "cifar10"  # cifar10 | cifar100 | digits | synthetic
-    data_root: str | None = None  # CIFAR cache folder; None -> ~/.cache/wrnsweep
+    data_root: str | None = None  # CIFAR cache folder; None -> cache_home()
     download: bool = False  # CIFAR is fetched only when asked
     synthetic_size: int = 2048  # training images of the synthetic set
     epochs: int = 200

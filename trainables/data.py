@@ -37,6 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from trainables.config import cache_home
+
 __all__ = [
     "DATASETS",
     "DatasetSpec",
@@ -50,7 +52,6 @@ __all__ = [
 
 IMAGE_SIZE = 32  # pixels; every dataset is brought to CIFAR's 32x32
 PAD = 4  # pixels of reflect padding before the random crop (the papers' recipe)
-DEFAULT_ROOT = "~/.cache/wrnsweep"
 
 # Seeds of the fixed splits. Constants, not TrainConfig.seed: a sweep varies the
 # run seed, and every trial must still be scored on the same validation images.
@@ -139,8 +140,9 @@ def load_splits(
 ) -> Splits:
     """Load dataset ``name`` (a key of :data:`DATASETS`) as three uint8 splits.
 
-    ``root`` and ``download`` apply to CIFAR only (default root ``~/.cache/wrnsweep``);
-    without ``download`` a missing CIFAR folder raises :class:`FileNotFoundError`.
+    ``root`` and ``download`` apply to CIFAR only (default root
+    :func:`trainables.config.cache_home`); without ``download`` a missing CIFAR folder
+    raises :class:`FileNotFoundError`.
     ``synthetic_size`` is the number of synthetic training images.
     """
     if name not in DATASETS:
@@ -175,7 +177,7 @@ def _load_cifar(name: str, *, root: str | None, download: bool) -> tuple[Split, 
     from torchvision import datasets  # lazy: torchvision is slow to import
 
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
-    folder = Path(os.path.expanduser(root or DEFAULT_ROOT))
+    folder = Path(os.path.expanduser(root)) if root else cache_home()
     data_dir = folder / cls.base_folder
     if not download and not data_dir.is_dir():
         raise FileNotFoundError(
