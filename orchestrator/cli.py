@@ -85,7 +85,8 @@ class _ZooCommand(click.Command):
               default="digits", show_default=True,
               help="digits and synthetic need no download.")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None,
-              help="CIFAR cache folder [default: $XDG_CACHE_HOME/wrnsweep, else ~/.cache/wrnsweep].")
+              help="CIFAR cache folder [default: $XDG_CACHE_HOME/wrnsweep, else "
+                   "~/.cache/wrnsweep].")
 @click.option("--download", is_flag=True, help="Download CIFAR into --data-root if missing.")
 @click.option("--epochs", type=int, default=None, help="Training epochs [default: 200].")
 @click.option("--batch-size", type=int, default=None, help="Images per step [default: 128].")
