@@ -211,19 +211,7 @@ def test_dry_run_says_what_launch_will_do(tmp_path: Path) -> None:
 def test_dry_run_names_the_first_trials(tmp_path: Path) -> None:
     """A TPE sweep without points_to_evaluate starts at the papers' configurations,
     and the plan lists them; a file's own points are counted instead."""
-    sweep = tmp_path / "papers.yaml"
-    sweep.write_text("""\
-name: papers
-dataset: digits
-architectures:
-  wrn: {depth: {choices: [10, 16]}, width: {choices: [1, 2]}, dropout: {choices: [0.0, 0.3]}}
-  resnet: {depth: {choices: [8, 14, 20]}}
-recipe:
-  epochs: 8
-  lr: {low: 0.003, high: 1.0, log: true}
-  milestones: {count: 2, low: 0.2, high: 0.9, min_gap: 0.1}
-""")
-    papers, smoke = _cli_many(tmp_path, ["launch", str(sweep), "--dry-run"],
+    papers, smoke = _cli_many(tmp_path, ["launch", "tests/sweeps/papers.yaml", "--dry-run"],
                               ["launch", "search_spaces/smoke.yaml", "--dry-run"])
     assert papers.returncode == 0, papers.stderr
     assert "starting points: each architecture's paper configuration" in papers.stdout

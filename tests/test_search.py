@@ -454,22 +454,10 @@ search:
     assert (first["wrn.depth"], first["wrn.width"], first["wrn.lr"]) == (22, 3, 0.05)
 
 
-DIGITS = """\
-name: digits-space
-dataset: digits
-architectures:
-  wrn: {depth: {choices: [10, 16]}, width: {choices: [1, 2]}, dropout: {choices: [0.0, 0.3]}}
-  resnet: {depth: {choices: [8, 14, 20]}}
-recipe:
-  epochs: 8
-  lr: {low: 0.003, high: 1.0, log: true}
-  milestones: {count: 2, low: 0.2, high: 0.9, min_gap: 0.1}
-search: {num_samples: 16, max_concurrent: 2, seed: 0ALGO}
-"""
-
-
-def _digits(algo: str = "") -> SweepConfig:
-    return _cfg(DIGITS.replace("ALGO", algo))
+def _digits(search: str = "") -> SweepConfig:
+    """tests/sweeps/papers.yaml (the bench's digits space) with more ``search`` keys."""
+    text = (ROOT / "tests" / "sweeps" / "papers.yaml").read_text()
+    return _cfg(text.replace("seed: 0}", f"seed: 0{search}}}"))
 
 
 def _milestones(config: dict[str, Any]) -> list[float]:
