@@ -139,7 +139,7 @@ def resources_fn(cfg: SweepConfig, *, cluster_has_gpu: bool,
 def describe_plan(cfg: SweepConfig, manifest: Manifest) -> str:
     """The resolved manifest as text (``launch --dry-run``)."""
     from orchestrator.search import describe_schedule, n_startup_trials
-    from orchestrator.space import describe, grid_points
+    from orchestrator.space import describe, grid_points, starting_points
 
     # What launch will run: --num-samples applied (it sizes TPE's start-up), and a
     # grid runs each of its points once whatever num_samples says.
@@ -148,7 +148,10 @@ def describe_plan(cfg: SweepConfig, manifest: Manifest) -> str:
     lines = [f"sweep {manifest.name}: {trials} trials, {cfg.search.algorithm} search "
              f"on {manifest.metric} ({manifest.mode}), at most {cfg.search.max_concurrent} at once"]
     if cfg.search.algorithm == "tpe":
-        lines.append(f"  TPE start-up: {n_startup_trials(cfg)} random trials, seed "
+        # Optuna's TPE models once n_startup_trials trials have finished, enqueued included.
+        starts = len(starting_points(cfg))
+        lines.append(f"  TPE start-up: random draws until {n_startup_trials(cfg)} trials have "
+                     f"finished ({starts} starting point(s) among them), seed "
                      f"{cfg.search.seed}, study '{manifest.name}'")
     lines.append(f"dataset: {cfg.dataset_options()['dataset']}")
     for arch, rows in describe(cfg).items():

@@ -203,7 +203,9 @@ def test_dry_run_says_what_launch_will_do(tmp_path: Path) -> None:
                str(store), "--num-samples", "40")
     assert ran.returncode == 0, ran.stderr
     assert "sweep smoke: 40 trials" in ran.stdout
-    assert "TPE start-up: 10 random trials" in ran.stdout  # a quarter of 40
+    # a quarter of 40; smoke's one point counts among them, as Optuna counts it
+    assert "TPE start-up: random draws until 10 trials have finished (1 starting point(s) " \
+        "among them)" in ran.stdout
     assert f"results: {store}/smoke (exists: launch would refuse it" in ran.stdout
     assert not _ray_started(tmp_path)
 
