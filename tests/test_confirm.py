@@ -144,7 +144,12 @@ def test_a_seed_changes_the_run_and_the_same_seed_repeats_it_on_cpu() -> None:
             for s in (4, 4, 5)]
     numbers = [(r["best_val_acc"], r["test_acc"]) for r in runs]
     assert numbers[0] == numbers[1]
-    assert numbers[0] != numbers[2]
+    # The trained weights, not the accuracies: after one epoch both seeds' networks may
+    # still answer one class for every image (0.1 and 0.1037 for seeds 4 and 5 alike with
+    # the versions of constraints.txt), and equal accuracies say nothing about the run.
+    weights = [list(r["trainer"].model.state_dict().values()) for r in runs]
+    assert all(torch.equal(x, y) for x, y in zip(weights[0], weights[1], strict=True))
+    assert not all(torch.equal(x, y) for x, y in zip(weights[0], weights[2], strict=True))
     a, b = (Trainer(TrainConfig.from_dict({**base, "seed": s}), splits=splits) for s in (4, 5))
     assert not all(np.array_equal(x, y) for x, y in zip(
         a.model.state_dict().values(), b.model.state_dict().values(), strict=True))

@@ -182,6 +182,19 @@ def test_pinned_versions_match_the_test_environment() -> None:
             f"Dockerfile pins {name}=={pins[name]}, the tests run {metadata.version(name)}")
 
 
+def test_pinned_versions_are_the_constraints_of_the_test_command() -> None:
+    """The image's pins and constraints.txt (what the README's test command installs)
+    name the same versions, so they cannot drift apart whatever PyPI publishes."""
+    pins = dict(re.findall(r"([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==([^\s\"'\\]+)",
+                           " ".join(_args("RUN"))))
+    lines = (ROOT / "constraints.txt").read_text().splitlines()
+    constraints = dict(line.split("==", 1) for line in lines if "==" in line)
+    assert "-c constraints.txt" in (ROOT / "README.md").read_text()
+    for name in VENV_PINNED:
+        assert pins.get(name) == constraints.get(name), (name, pins.get(name),
+                                                         constraints.get(name))
+
+
 def test_runs_the_declared_console_script() -> None:
     commands = " ".join(_args("RUN") + _args("CMD") + _args("ENTRYPOINT"))
     assert re.search(r"\bwrnsweep\b", commands), "the image never runs `wrnsweep`"
