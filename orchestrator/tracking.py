@@ -249,13 +249,15 @@ class SweepTracker(tune.Callback):
         self._snapshot_at = 0.0  # time.monotonic() of the last snapshot
         self._queued: dict[str, int] = {}  # trial id -> last epoch queued by this driver
         self._logged: dict[str, set[int]] = {}  # run id -> epochs MLflow has (open runs)
+        # Trials whose create_run was sent without an answer: the store may hold the run.
+        self._create_tried: set[str] = set()
 
     # Tune pickles callbacks into the experiment state (for Tuner.restore):
     # keep only the settings, rebuild client, buffer, lock and map on first use.
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.update(_client=None, _writer=None, _map=None, _lock=None, _queued={},
-                     _logged={})
+                     _logged={}, _create_tried=set())
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -343,18 +345,32 @@ class SweepTracker(tune.Callback):
         from mlflow.entities import Param
 
         if entry.run_id is None:
-            run = self.client.create_run(
-                self.experiment_id, run_name=name,
-                tags={PARENT_TAG: self.parent_run_id, TRIAL_TAG: trial_id,
-                      SWEEP_TAG: self.sweep_name, "arch": arch, **tags},
-            )
-            self._logged[run.info.run_id] = set()  # a new run: no metric history to read
+            # A retry after a create whose answer was lost (a server stopped between
+            # taking the request and answering) looks for that run before making another.
+            run_id = self._run_of(trial_id) if trial_id in self._create_tried else None
+            if run_id is None:
+                self._create_tried.add(trial_id)
+                run_id = self.client.create_run(
+                    self.experiment_id, run_name=name,
+                    tags={PARENT_TAG: self.parent_run_id, TRIAL_TAG: trial_id,
+                          SWEEP_TAG: self.sweep_name, "arch": arch, **tags},
+                ).info.run_id
+                self._logged[run_id] = set()  # a new run: no metric history to read
+            self._create_tried.discard(trial_id)
             with self._lock:
-                entry.run_id = run.info.run_id
+                entry.run_id = run_id
                 entry.create_queued = False
                 self._save(trial_id)
         self.client.log_batch(entry.run_id,
                               params=[Param(k, v) for k, v in params.items()])
+
+    def _run_of(self, trial_id: str) -> str | None:
+        """The run this sweep made for ``trial_id``, if the store has one."""
+        found = self.client.search_runs(
+            [self.experiment_id], max_results=1,
+            filter_string=(f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' "
+                           f"and tags.`{TRIAL_TAG}` = '{trial_id}'"))
+        return found[0].info.run_id if found else None
 
     def _log_metrics(self, entry: RunEntry, values: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -409,7 +425,14 @@ class SweepTracker(tune.Callback):
             history = self.client.get_metric_history(run_id, "epoch")
             self._logged[run_id] = {int(m.step) for m in history}
         if epoch not in self._logged[run_id]:
-            self._log_metrics(entry, values, epoch)
+            try:
+                self._log_metrics(entry, values, epoch)
+            except Exception:
+                # The store may have taken the batch and lost only its answer: the retry
+                # reads the history again rather than send this epoch twice (one batch
+                # is one transaction, so its "epoch" step tells).
+                self._logged.pop(run_id, None)
+                raise
             self._logged[run_id].add(epoch)
         with self._lock:
             entry.last_epoch = max(entry.last_epoch, epoch)

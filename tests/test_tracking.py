@@ -184,6 +184,56 @@ def test_tracker_replays_what_a_killed_driver_had_not_written(tmp_path: Path) ->
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
+class _LostAnswers:
+    """A real MLflow client whose first ``create_run`` and first metric write reach the
+    store and then fail, as when a tracking server stops after taking a request and
+    before answering it (seen in the outage test of test_tracking_server.py: a step
+    logged twice)."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self.to_lose = {"create_run", "log_batch"}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def _lose(self, call: str) -> None:
+        if call in self.to_lose:
+            self.to_lose.discard(call)
+            raise ConnectionError(f"{call}: the answer was lost")
+
+    def create_run(self, *args: Any, **kwargs: Any) -> Any:
+        run = self._client.create_run(*args, **kwargs)
+        self._lose("create_run")
+        return run
+
+    def log_batch(self, run_id: str, metrics: Any = (), **kwargs: Any) -> None:
+        self._client.log_batch(run_id, metrics=metrics, **kwargs)
+        if metrics:
+            self._lose("log_batch")
+
+
+def test_a_write_whose_answer_was_lost_is_not_made_twice(tmp_path: Path) -> None:
+    """The retry of a create and of an epoch that the store took finds them there: one
+    run for the trial, each step once."""
+    tracker, client, parent = _tracker(tmp_path)
+    lossy = _LostAnswers(client)
+    tracker._client = lossy
+    trial = SimpleNamespace(trial_id="t0", config=dict(CONFIG))
+    tracker.on_trial_start(0, [trial], trial)
+    for epoch in (1, 2):
+        tracker.on_trial_result(0, [trial], trial, _result(epoch, 0.1 * epoch))
+    tracker.on_trial_complete(0, [trial], trial)
+    tracker.on_experiment_end([trial])
+    assert not lossy.to_lose  # both answers were lost
+    (run,) = client.search_runs([tracker.experiment_id],
+                                filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert run.info.run_id == tracker.runs["t0"].run_id
+    assert run.info.status == "FINISHED"
+    for key in ("val_acc", "epoch"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2]
+
+
 def test_tracker_pickles_without_its_lock_writer_or_map(tmp_path: Path) -> None:
     import pickle
 
