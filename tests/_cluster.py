@@ -136,8 +136,8 @@ def _agent_port(port: int | None) -> str:
     """``ray start``'s option for the node's dashboard agent HTTP port, a free one by default.
 
     Every Ray node's agent listens on 52365 unless told otherwise (Ray 2.60,
-    ``ray_constants.DEFAULT_DASHBOARD_AGENT_LISTEN_PORT``), including the local
-    ``ray.init()`` of a test in the other pytest worker. A node started while that
+    ``ray_constants.DEFAULT_DASHBOARD_AGENT_LISTEN_PORT``), including the
+    local Ray of a test in the other pytest worker. A node started while that
     port is taken logs "failed to bind" in ``dashboard_agent.log`` and runs its agent
     without the HTTP service, and a head in that state answers every job submission
     "No available agent to submit job, please try again later" (reproduced by
